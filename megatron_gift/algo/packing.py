@@ -1,0 +1,159 @@
+"""Group-atomic packing of rollouts into padded microbatches (pure torch, host side).
+
+Owns: how one rank's share of a global batch of prompt groups becomes microbatches of whole groups,
+with next-token targets and the response mask aligned to them. It never splits a group: a group that
+does not fit the token budget is an error that points at the two-pass schedule.
+
+Token layout of a sequence: prompt ids then response ids, right-padded. Position t predicts token t+1,
+so targets[t] = tokens[t+1] and mask[t] = 1 exactly when tokens[t+1] is a response token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_gift.algo.validate import GroupSplitError
+from megatron_gift.types import LossInputs, Tensor
+
+
+@dataclass
+class RolloutGroup:
+    """One prompt's N sampled responses with their rewards (host tensors).
+
+    prompt [P] int64; responses: N tensors [L_i] int64; rewards [N];
+    rollout_logprobs: optional N tensors [L_i] (the engine's sampled-token log-probs).
+    """
+
+    group_id: int
+    prompt: Tensor
+    responses: List[Tensor]
+    rewards: Tensor
+    rollout_logprobs: Optional[List[Tensor]] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.responses)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.prompt.numel() + r.numel() for r in self.responses)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.prompt.numel() + r.numel() for r in self.responses)
+
+
+@dataclass
+class Microbatch:
+    """b sequences of whole groups padded to S tokens.
+
+    tokens, position_ids, targets [b, S] int64; loss_inputs: mask / rewards / groups (anchor log-probs
+    filled by the anchor pass); group_sizes [G]: sizes of the groups it holds;
+    rollout_logprobs [b, S] aligned like targets (0 off the mask) when the engine gave them.
+    """
+
+    tokens: Tensor
+    position_ids: Tensor
+    targets: Tensor
+    loss_inputs: LossInputs
+    group_sizes: Tensor
+    rollout_logprobs: Optional[Tensor] = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tokens.shape)
+
+
+def shard_groups(groups: Sequence[RolloutGroup], dp_size: int, dp_rank: int) -> List[RolloutGroup]:
+    """Contiguous, equal share of the groups for one data-parallel rank."""
+    if len(groups) % dp_size:
+        raise ValueError(f"{len(groups)} prompt groups cannot be split evenly over {dp_size} data-parallel ranks")
+    per = len(groups) // dp_size
+    return list(groups[dp_rank * per:(dp_rank + 1) * per])
+
+
+def split_by_count(groups: Sequence[RolloutGroup], num_microbatches: int) -> List[List[RolloutGroup]]:
+    """num_microbatches lists with the same number of whole groups each (what pipeline schedules need)."""
+    if num_microbatches < 1 or len(groups) % num_microbatches:
+        raise ValueError(f"{len(groups)} groups on this rank cannot form {num_microbatches} microbatches of whole "
+                         f"groups; make groups per rank a multiple of the microbatch count")
+    per = len(groups) // num_microbatches
+    return [list(groups[i * per:(i + 1) * per]) for i in range(num_microbatches)]
+
+
+def split_by_tokens(groups: Sequence[RolloutGroup], max_tokens: int) -> List[List[RolloutGroup]]:
+    """Greedy, order-keeping split so each microbatch's padded size b * S stays within max_tokens."""
+    parts: List[List[RolloutGroup]] = [[]]
+    for g in groups:
+        if g.size * g.max_len > max_tokens:
+            raise GroupSplitError(f"group {g.group_id} needs {g.size} x {g.max_len} tokens, more than the microbatch "
+                                  f"budget of {max_tokens}; raise the budget or use the two-pass schedule")
+        trial = parts[-1] + [g]
+        if sum(x.size for x in trial) * max(x.max_len for x in trial) > max_tokens:
+            parts.append([g])
+        else:
+            parts[-1] = trial
+    return parts
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(groups: Sequence[RolloutGroup], seq_len: Optional[int] = None, pad_id: int = 0,
+            pad_to_multiple: int = 8) -> Microbatch:
+    """Pad whole groups into one Microbatch ([b, S]; S = seq_len or the longest, rounded up)."""
+    longest = max(g.max_len for g in groups)
+    s = seq_len if seq_len is not None else _round_up(longest, pad_to_multiple)
+    if longest > s:
+        raise ValueError(f"a sequence of {longest} tokens does not fit seq_len {s}")
+    rows, masks, logps, rewards, gidx, gids = [], [], [], [], [], []
+    for slot, g in enumerate(groups):
+        for i, resp in enumerate(g.responses):
+            seq = torch.cat([g.prompt, resp]).long()
+            p, n = g.prompt.numel(), seq.numel()
+            rows.append(torch.nn.functional.pad(seq, (0, s - n), value=pad_id))
+            m = torch.zeros(s)
+            m[p - 1:n - 1] = 1.0  # position t predicts token t+1: response tokens are predicted from p-1 .. n-2
+            masks.append(m)
+            lp = torch.zeros(s)
+            if g.rollout_logprobs is not None:
+                lp[p - 1:n - 1] = g.rollout_logprobs[i].float()
+            logps.append(lp)
+        rewards.append(g.rewards.double())
+        gidx.append(torch.full((g.size,), slot, dtype=torch.long))
+        gids.append(torch.full((g.size,), g.group_id, dtype=torch.long))
+    tokens = torch.stack(rows)
+    targets = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), pad_id, dtype=torch.long)], dim=1)
+    mask = torch.stack(masks)
+    inputs = LossInputs(mask=mask, anchor_logprobs=torch.zeros_like(mask), rewards=torch.cat(rewards).float(),
+                        group_index=torch.cat(gidx), num_groups=len(groups), group_ids=torch.cat(gids))
+    has_lp = all(g.rollout_logprobs is not None for g in groups)
+    return Microbatch(tokens=tokens, position_ids=torch.arange(s).expand(tokens.shape[0], s).clone(),
+                      targets=targets, loss_inputs=inputs,
+                      group_sizes=torch.tensor([g.size for g in groups]),
+                      rollout_logprobs=torch.stack(logps) if has_lp else None)
+
+
+def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optional[int] = None,
+                      max_tokens: Optional[int] = None, uniform_length: bool = False, pad_id: int = 0,
+                      pad_to_multiple: int = 8) -> List[Microbatch]:
+    """One rank's groups -> microbatches of whole groups, by count or by token budget (exactly one).
+
+    uniform_length pads every microbatch to the same S (pipeline parallelism sends fixed shapes).
+    """
+    if (num_microbatches is None) == (max_tokens is None):
+        raise ValueError("give exactly one of num_microbatches and max_tokens")
+    for g in groups:
+        if g.size < 1 or g.rewards.shape != (g.size,):
+            raise ValueError(f"group {g.group_id} has {g.size} responses but rewards of shape {tuple(g.rewards.shape)}")
+        if g.prompt.numel() == 0:
+            raise ValueError(f"group {g.group_id} has an empty prompt")
+        if any(r.numel() == 0 for r in g.responses):
+            raise ValueError(f"group {g.group_id} has an empty response")
+    parts = split_by_count(groups, num_microbatches) if num_microbatches else split_by_tokens(groups, max_tokens)
+    seq_len = _round_up(max(g.max_len for g in groups), pad_to_multiple) if uniform_length else None
+    return [collate(p, seq_len, pad_id, pad_to_multiple) for p in parts]
