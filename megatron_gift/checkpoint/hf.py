@@ -1,0 +1,171 @@
+"""Hugging Face checkpoint files: streaming safetensors reads, sharded writes, side files, atomic output dirs.
+
+Owns: reading a HF model directory tensor by tensor (safe_open, one shard handle at a time), writing
+sharded safetensors with an index that transformers loads, copying config / tokenizer files, and the
+"temp dir next to the output, then rename" discipline (refusing to overwrite without permission).
+Does not own: tensor names or transforms (checkpoint/mapping.py), Megatron files (mcore/convert.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Everything a tokenizer / generation setup may need; copied when present.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files, truncated, or belongs to another model."""
+
+
+class HFReader:
+    """Tensor-by-tensor access to a HF safetensors checkpoint; keeps at most one shard open."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        self.weight_map = self._weight_map()
+        self._open_file: Optional[str] = None
+        self._handle = None
+
+    def _weight_map(self) -> Dict[str, str]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            for f in sorted(set(weight_map.values())):
+                if not (self.dir / f).is_file():
+                    raise CheckpointError(f"{self.dir / f}: shard listed in {INDEX_NAME} is missing")
+            return weight_map
+        single = self.dir / SINGLE_NAME
+        if single.is_file():
+            with self._safe_open(SINGLE_NAME) as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        others = sorted(p.name for p in self.dir.glob("*.bin")) if self.dir.is_dir() else []
+        hint = f" (found {others}: only safetensors checkpoints are supported)" if others else ""
+        raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+    @contextlib.contextmanager
+    def _safe_open(self, fname: str):
+        path = self.dir / fname
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                yield f
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+
+    def names(self) -> List[str]:
+        return list(self.weight_map)
+
+    def nbytes(self) -> int:
+        return sum((self.dir / f).stat().st_size for f in set(self.weight_map.values()))
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} not found (checkpoint of another model?)")
+        if fname != self._open_file:
+            self.close()
+            self._stack = contextlib.ExitStack()
+            self._handle = self._stack.enter_context(self._safe_open(fname))
+            self._open_file = fname
+        try:
+            return self._handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {name!r} ({e})") from e
+
+    def close(self) -> None:
+        if self._open_file is not None:
+            self._stack.close()
+            self._open_file, self._handle = None, None
+
+
+class ShardedSafetensorsWriter:
+    """Buffers tensors up to `max_shard_bytes`, writes model-0000i-of-0000N.safetensors and the index."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: Dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: List[List[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._buffer or any(name in s for s in self._shards):
+            raise CheckpointError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # Views of a fused tensor share storage, which safetensors refuses: own a compact copy.
+        self._buffer[name] = tensor.detach().to("cpu").contiguous().clone()
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        i = len(self._shards)
+        save_file(self._buffer, str(self.dir / f"shard-{i}.tmp"), metadata={"format": "pt"})
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f"shard-{i}.tmp", self.dir / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, dst: Path) -> List[str]:
+    """Copy tokenizer / generation files that exist in src; returns the names copied."""
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it replaces `out`, on any error it is removed.
+
+    An existing `out` is refused unless overwrite; with overwrite it is kept until the new one is complete.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""Megatron side of the HF <-> Megatron converters: converted-checkpoint layout, save, load, export stream.
+
+A converted checkpoint directory (what tools/convert_hf_to_mcore.py writes):
+    config.json                      the source HF config (the model is rebuilt from it)
+    tokenizer*.json, ...             tokenizer / generation files copied from the HF dir
+    megatron_gift_conversion.json    {format_version, model_type, dtype, vocab_multiple, padded_vocab_size, ...}
+    model/                           megatron.core.dist_checkpointing checkpoint of GPTModel.sharded_state_dict()
+The dist checkpoint stores full (global) tensors under Megatron's sharded keys (layers stacked on a leading
+axis, Transformer Engine spellings of the fused norms), so it loads under any TP / PP layout and either spec.
+A training checkpoint's model part has the same keys, possibly under a prefix: export takes `key_prefix`
+and a directory holding config.json + megatron_gift_conversion.json beside the dist checkpoint.
+
+Owns: streaming HF tensors into a model built for TP=1/PP=1, saving it, loading it into a model of any
+layout, and streaming a checkpoint back out as HF tensors one layer at a time (peak ~ one layer).
+Does not own: names / transforms (checkpoint/mapping.py), HF files (checkpoint/hf.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedTensor
+
+from megatron_gift.checkpoint.hf import CheckpointError, HFReader
+from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, load_hf_arch
+from megatron_gift.checkpoint.mapping import (
+    Entry,
+    hf_to_mcore_tensors,
+    mapping_entries,
+    mcore_to_hf_tensors,
+    unexpected_hf_names,
+)
+from megatron_gift.mcore.model import build_gpt_model
+
+CONVERSION_INFO = "megatron_gift_conversion.json"
+MODEL_SUBDIR = "model"
+FORMAT_VERSION = 1
+_LAYER_PREFIX = "decoder.layers."
+
+
+@contextlib.contextmanager
+def single_process_parallel_state(seed: int = 1234) -> Iterator[None]:
+    """World of one (gloo) with TP=PP=1 for the converters; reuses an existing setup, tears down only its own."""
+    with contextlib.ExitStack() as stack:
+        if not torch.cuda.is_available():
+            from megatron_gift.mcore.cpu_compat import enable_cpu_compat
+
+            stack.enter_context(enable_cpu_compat())
+        if not dist.is_initialized():
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mg_convert_pg_"))
+            dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(1, 1)
+            stack.callback(parallel_state.destroy_model_parallel)
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        yield
+
+
+def read_conversion_info(mcore_dir: Path) -> Dict[str, Any]:
+    path = Path(mcore_dir) / CONVERSION_INFO
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a checkpoint written by tools/convert_hf_to_mcore.py?)")
+    info = json.loads(path.read_text())
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {info.get('format_version')} != supported {FORMAT_VERSION}")
+    return info
+
+
+def copy_hf_into_model(
+    model: torch.nn.Module,
+    arch: HFArch,
+    get_hf: Callable[[str], torch.Tensor],
+    vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
+    progress: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Fill a full (TP=1, PP=1) model from HF tensors, one parameter at a time; every parameter must be set."""
+    params = dict(model.named_parameters())
+    missing = set(params)
+    with torch.no_grad():
+        for name, tensor in hf_to_mcore_tensors(arch, get_hf, vocab_multiple=vocab_multiple):
+            if name not in params:
+                raise CheckpointError(f"Megatron model has no parameter {name!r} (model / config mismatch)")
+            p = params[name]
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"tensor {name!r}: converted shape {tuple(tensor.shape)} != model's {tuple(p.shape)}")
+            p.copy_(tensor)
+            missing.discard(name)
+            if progress is not None:
+                progress(tensor.numel() * tensor.element_size())
+            del tensor
+    if missing:
+        raise CheckpointError(f"HF checkpoint left Megatron parameters unset: {sorted(missing)}")
+
+
+def save_hf_as_mcore(
+    hf_dir: Path,
+    ckpt_dir: Path,
+    *,
+    dtype: torch.dtype,
+    vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Dict[str, Any]:
+    """Stream the HF checkpoint in `hf_dir` into a dist checkpoint at `ckpt_dir`; returns conversion info."""
+    arch = load_hf_arch(hf_dir)
+    reader = HFReader(hf_dir)
+    extra = [n for n in unexpected_hf_names(arch, reader.names()) if not (arch.tie_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"{hf_dir}: tensors not expected for {arch.model_type} with this config: {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''} (checkpoint of another model?)")
+    with single_process_parallel_state():
+        model = build_gpt_model(arch, dtype=dtype, vocab_multiple=vocab_multiple, use_te=False,
+                                perform_initialization=False)
+        try:
+            copy_hf_into_model(model, arch, reader.get, vocab_multiple, progress)
+        finally:
+            reader.close()
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": arch.model_type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": arch.vocab_size,
+        "vocab_multiple": vocab_multiple,
+        "padded_vocab_size": arch.padded_vocab_size(vocab_multiple),
+        "num_layers": arch.num_layers,
+        "tie_embeddings": arch.tie_embeddings,
+        "source": str(Path(hf_dir).absolute()),
+        "source_bytes": reader.nbytes(),
+    }
+
+
+def load_mcore_checkpoint(model: torch.nn.Module, mcore_dir: Path, key_prefix: str = "") -> None:
+    """Load a converted checkpoint into `model` (this rank's part, any TP / PP); all ranks call it."""
+    ckpt = Path(mcore_dir) / MODEL_SUBDIR
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: missing dist checkpoint directory")
+    sharded = model.sharded_state_dict(prefix=key_prefix)
+    _check_against_metadata(sharded, ckpt)
+    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    if key_prefix:
+        loaded = {k.removeprefix(key_prefix): v for k, v in loaded.items()}
+    model.load_state_dict(loaded, strict=True)
+
+
+def _check_against_metadata(sharded: Dict[str, Any], ckpt: Path) -> None:
+    """Name the first tensor whose key or global shape differs: a checkpoint of another model."""
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    for sh in sharded.values():
+        if not isinstance(sh, ShardedTensor):
+            continue
+        if sh.key not in meta:
+            raise CheckpointError(f"{ckpt}: has no tensor {sh.key!r} (checkpoint of another model?)")
+        if tuple(meta[sh.key].global_shape) != tuple(sh.global_shape):
+            raise CheckpointError(f"{ckpt}: tensor {sh.key!r} has shape {tuple(meta[sh.key].global_shape)}, "
+                                  f"the model expects {tuple(sh.global_shape)}")
+
+
+def _ckpt_key(e: Entry) -> Tuple[str, Optional[int]]:
+    """Sharded key and stacked-layer index of an entry (keys use TE spellings, layers on a leading axis)."""
+    if e.te.startswith(_LAYER_PREFIX):
+        layer, rest = e.te[len(_LAYER_PREFIX):].split(".", 1)
+        return _LAYER_PREFIX + rest, int(layer)
+    return e.te, None
+
+
+def iter_mcore_checkpoint_as_hf(
+    mcore_dir: Path, key_prefix: str = "", arch: Optional[HFArch] = None
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (hf_name, tensor) from a converted / training checkpoint, one sharded key at a time.
+
+    Peak memory is about the largest key (e.g. linear_fc1 of all layers, stacked). Loading single
+    layers would need partial shards, which megatron-core 0.16.1 cannot express in a world of one
+    process (its torch-sharded-tensor shim places every other fragment on rank (r + 1) % 1 == r).
+    """
+    arch = arch or load_hf_arch(mcore_dir)
+    ckpt = Path(mcore_dir) / MODEL_SUBDIR
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: missing dist checkpoint directory")
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    by_key: Dict[str, Dict[Optional[int], Entry]] = {}
+    for e in mapping_entries(arch):
+        key, layer = _ckpt_key(e)
+        by_key.setdefault(key_prefix + key, {})[layer] = e
+    for key, entries in by_key.items():
+        if key not in meta:
+            raise CheckpointError(f"{ckpt}: has no tensor {key!r} needed for {arch.model_type} "
+                                  "(checkpoint of another model, or wrong key prefix?)")
+        shape = tuple(meta[key].global_shape)
+        stacked = None not in entries
+        if stacked and shape[0] != arch.num_layers:
+            raise CheckpointError(f"{ckpt}: {key!r} stacks {shape[0]} layers, config.json says {arch.num_layers}")
+        sharded = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta[key].dtype), replica_id=0)}
+        full = dist_checkpointing.load(sharded, str(ckpt), validate_access_integrity=False)[key]
+        for layer, e in entries.items():
+            yield from mcore_to_hf_tensors(None, [(e.te, full[layer] if stacked else full)], arch=arch)
+        del full

@@ -1,0 +1,176 @@
+"""Build a Megatron-Core GPTModel that computes exactly what a supported Hugging Face decoder computes.
+
+Owns: HF config -> TransformerConfig (RMSNorm, SwiGLU, GQA, explicit head_dim, qkv bias, q/k norm,
+RoPE base and scaling, tied embeddings, padded vocabulary) and the layer-spec choice (Transformer
+Engine spec when TE imports and CUDA is available, the local spec otherwise). The one place that
+constructs GPTModel (megatron-core 0.19 deprecates it in favour of HybridModel: change it here only).
+Does not own: parallel-state initialisation (mcore/parallel.py), weights (mcore/convert.py).
+
+RoPE scaling: megatron-core 0.16.1's RotaryEmbedding applies Llama-3 scaling with only `factor` taken
+from its arguments; low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 are
+hard-coded defaults of `_apply_scaling`. Llama 3.1/3.2 use exactly those, but to be right for any
+config the inverse frequencies are recomputed here with the config's values (tests compare them with
+transformers' `rope_init_fn`). "linear" scaling maps to `seq_len_interpolation_factor` (positions / factor).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def te_available() -> bool:
+    """TE spec only where it can run: TE importable and a CUDA device present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def as_arch(hf_config: Any) -> HFArch:
+    return hf_config if isinstance(hf_config, HFArch) else parse_hf_config(hf_config)
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    *,
+    dtype: Any = torch.float32,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    on_cpu: Optional[bool] = None,
+    **overrides: Any,
+) -> TransformerConfig:
+    """TransformerConfig reproducing the HF model; `overrides` are TransformerConfig fields (checked)."""
+    arch = as_arch(hf_config)
+    dtype = resolve_dtype(dtype)
+    on_cpu = (not torch.cuda.is_available()) if on_cpu is None else on_cpu
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=on_cpu,
+        # Fused kernels need TE / apex / CUDA.
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=not on_cpu and te_available(),
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+    )
+    valid = {f.name for f in fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig override(s) {unknown}")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: HFArch, use_te: Optional[bool] = None):
+    use_te = te_available() if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def _fix_llama3_inv_freq(model: GPTModel, arch: HFArch) -> None:
+    """Recompute Llama-3 inverse frequencies with the config's factors (Megatron hard-codes three of them)."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or arch.rope.rope_type != "llama3":
+        return
+    dim = arch.head_dim
+    base = 1.0 / (arch.rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base,
+        factor=arch.rope.factor,
+        low_freq_factor=arch.rope.low_freq_factor,
+        high_freq_factor=arch.rope.high_freq_factor,
+        original_max_position_embeddings=arch.rope.original_max_position_embeddings,
+    )
+
+
+def build_gpt_model(
+    hf_config: Any,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    dtype: Any = torch.float32,
+    vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
+    use_te: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    **config_overrides: Any,
+) -> GPTModel:
+    """GPTModel for this rank's pipeline stage (parallel state must be initialised).
+
+    pre_process / post_process default to this rank being the first / last pipeline stage.
+    The model's vocabulary is padded to a multiple of `vocab_multiple` (default 128, which any
+    power-of-two TP size up to 128 divides, so one checkpoint serves every TP layout).
+    """
+    arch = as_arch(hf_config)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    padded_vocab = arch.padded_vocab_size(vocab_multiple)
+    if padded_vocab % tp:
+        raise ValueError(f"padded vocabulary {padded_vocab} (multiple {vocab_multiple}) is not divisible by TP={tp}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    config = transformer_config_from_hf(arch, dtype=dtype, tp=tp, pp=pp, cp=cp, **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=padded_vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope.theta,
+        rope_scaling=arch.rope.rope_type == "llama3",
+        rope_scaling_factor=arch.rope.factor,
+        seq_len_interpolation_factor=arch.rope.factor if arch.rope.rope_type == "linear" else None,
+        vp_stage=vp_stage,
+    )
+    _fix_llama3_inv_freq(model, arch)
+    return model
