@@ -1,0 +1,201 @@
+"""Multi-process gloo harness: run a function on N CPU ranks under Megatron parallel state.
+
+Owns: spawning the ranks (torch.multiprocessing "spawn", a free TCP port from the OS), per-rank set-up
+(one thread per process, CPU compatibility layer, torch.distributed gloo, Megatron parallel state,
+model-parallel RNG seed), collecting each rank's return value, and turning a failure or a hang on ANY
+rank into one exception in the parent that carries that rank's traceback.
+Does not own: what the ranks compute (the caller's `fn`), parallel-state details (mcore/parallel.py).
+
+`fn` must be picklable (a module-level function) and is called as `fn(rank, world_size, **kwargs)`.
+Return values travel back pickled (tensors by value, not shared memory), so keep them small.
+world_size == 1 runs the same per-rank code in the calling process (no spawn) unless spawn=True.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_gift.mcore.cpu_compat import enable_cpu_compat
+from megatron_gift.mcore.parallel import check_parallel_sizes, destroy_parallel, initialize_parallel
+
+# Environment for every rank: one OpenMP / MKL thread (N ranks share 2 cores), gloo on loopback.
+RANK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+            "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+_GRACE_S = 3.0  # after a first failure, how long to wait for the other ranks' own reports
+
+
+class DistributedRunError(RuntimeError):
+    """A rank raised, died or hung; the message holds the failing rank and its traceback."""
+
+    def __init__(self, message: str, rank: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free on 127.0.0.1 (closed again before the ranks bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
+                    vpp: Optional[int] = None, timeout: float = 300.0, seed: int = 1234,
+                    spawn: Optional[bool] = None, **kwargs: Any) -> List[Any]:
+    """Run `fn(rank, world_size, **kwargs)` on `world_size` gloo ranks; return the values by rank.
+
+    Each rank enables the CPU compatibility layer, joins a gloo process group, initialises Megatron
+    parallel state with the given tp/pp/cp/vpp (dp = world_size / (tp*pp*cp)) and seeds the
+    model-parallel RNG with `seed`. Raises DistributedRunError with the failing rank's traceback if any
+    rank fails, or naming the ranks still running after `timeout` seconds.
+    """
+    check_parallel_sizes(world_size, tp, pp, cp, vpp)
+    spec = dict(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, seed=seed, timeout=timeout,
+                port=free_port())
+    if spawn is None:
+        spawn = world_size > 1
+    if not spawn:
+        if world_size != 1:
+            raise ValueError(f"spawn=False needs world_size=1 (got {world_size})")
+        return [_run_in_process(fn, spec, kwargs)]
+    return _run_spawned(fn, spec, kwargs)
+
+
+# ----------------------------------------------------------------------------- per-rank body
+@contextlib.contextmanager
+def _rank_context(rank: int, spec: Dict[str, Any]) -> Iterator[None]:
+    """Compat layer + process group + Megatron parallel state for one rank, torn down on exit."""
+    if dist.is_initialized():
+        raise RuntimeError("run_distributed: torch.distributed is already initialised in this process")
+    with enable_cpu_compat(strict=True):
+        dist.init_process_group(
+            backend="gloo", init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
+            world_size=spec["world_size"], timeout=timedelta(seconds=spec["timeout"]))
+        try:
+            initialize_parallel(spec["tp"], spec["pp"], spec["cp"], spec["vpp"], seed=spec["seed"])
+            try:
+                yield
+            finally:
+                destroy_parallel()
+        finally:
+            dist.destroy_process_group()
+
+
+def _run_in_process(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str, Any]) -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _rank_context(0, spec):
+            return fn(0, 1, **kwargs)
+    except Exception as exc:
+        raise DistributedRunError(f"rank 0 of 1 failed:\n{traceback.format_exc()}", rank=0) from exc
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _worker(rank: int, fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str, Any],
+            results: "mp.Queue") -> None:
+    torch.set_num_threads(1)
+    try:
+        with _rank_context(rank, spec):
+            value = fn(rank, spec["world_size"], **kwargs)
+        # Plain pickle: tensors by value (torch's queue pickler would use shared memory).
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # report everything, including KeyboardInterrupt / SystemExit, to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+# ----------------------------------------------------------------------------- parent side
+@contextlib.contextmanager
+def _rank_environment() -> Iterator[None]:
+    """Spawned children copy os.environ at start: set the per-rank variables around the starts."""
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
+    os.environ.update({k: os.environ.get(k, v) if k == "GLOO_SOCKET_IFNAME" else v
+                       for k, v in RANK_ENV.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_spawned(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str, Any]) -> List[Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    n = spec["world_size"]
+    procs = []
+    with _rank_environment():
+        for rank in range(n):
+            p = ctx.Process(target=_worker, args=(rank, fn, spec, kwargs, results), daemon=True,
+                            name=f"gloo-rank-{rank}")
+            p.start()
+            procs.append(p)
+    try:
+        return _collect(procs, results, spec["timeout"])
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        results.close()
+
+
+def _collect(procs: List[Any], results: "mp.Queue", timeout: float) -> List[Any]:
+    n = len(procs)
+    values: Dict[int, Any] = {}
+    failures: Dict[int, str] = {}
+    dead_since: Dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(values) + len(failures) < n:
+        now = time.monotonic()
+        if failures:
+            deadline = min(deadline, now + _GRACE_S)
+        if now >= deadline:
+            break
+        try:
+            rank, ok, payload = results.get(timeout=min(0.5, deadline - now))
+        except queue.Empty:
+            _note_dead(procs, values, failures, dead_since)
+            continue
+        if ok:
+            values[rank] = pickle.loads(payload)
+        else:
+            failures[rank] = payload
+    if failures:
+        first = next(iter(failures))  # the first to report; later ones are often echoes of it
+        others = sorted(set(failures) - {first})
+        extra = f" (ranks {others} failed too)" if others else ""
+        raise DistributedRunError(f"rank {first} of {n} failed{extra}:\n{failures[first]}", rank=first)
+    if len(values) < n:
+        missing = sorted(set(range(n)) - set(values))
+        raise DistributedRunError(
+            f"ranks {missing} of {n} did not finish within timeout={timeout:g} s (hung or deadlocked); "
+            f"finished: {sorted(values)}", rank=missing[0])
+    return [values[r] for r in range(n)]
+
+
+def _note_dead(procs: List[Any], values: Dict[int, Any], failures: Dict[int, str],
+               dead_since: Dict[int, float]) -> None:
+    """A rank that exited without reporting (segfault, os._exit, OOM kill) counts as failed once it
+    has been gone for _GRACE_S (its last message may still be in the pipe)."""
+    now = time.monotonic()
+    for rank, p in enumerate(procs):
+        if rank in values or rank in failures or p.is_alive() or p.exitcode is None:
+            continue
+        if now - dead_since.setdefault(rank, now) > _GRACE_S:
+            failures[rank] = f"process exited with code {p.exitcode} without reporting a result"
