@@ -1,0 +1,186 @@
+"""Read prompt rows from disk with `datasets` and check each one (L1).
+
+Owns: format detection, loading jsonl / json / parquet / `save_to_disk` directories, and turning each
+row into a `RawPrompt` (text, answer, metadata, stable row index) or a clear error naming the file, the
+row and the key. Malformed rows are skipped and counted instead when the config says `on_bad_row: skip`.
+Tokenisation lives in dataset.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from megatron_gift.data.config import PromptDataConfig
+from megatron_gift.utils.dataclass_dict import nearest
+
+logger = logging.getLogger(__name__)
+
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+class PromptDataError(ValueError):
+    """A prompt file or row that cannot be used; the message names the file, row and key."""
+
+
+@dataclass
+class RawPrompt:
+    """One valid row before tokenisation. `index` is the row's position in the file (0-based, stable)."""
+
+    index: int
+    text: str
+    answer: Optional[str]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class LoadStats:
+    """What happened to the rows of one file; `bad_rows` maps a reason to its count."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    too_long: int = 0
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.bad_rows.values())
+
+    def count_bad(self, reason: str) -> None:
+        self.bad_rows[reason] = self.bad_rows.get(reason, 0) + 1
+
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+    """The concrete format of `path`; errors name the path and the formats understood."""
+    if fmt != "auto":
+        return fmt
+    if os.path.isdir(path):
+        return "arrow-dir"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise PromptDataError(f"{path}: cannot tell the format from suffix {suffix!r}; set 'format' to one of "
+                              f"jsonl, json, parquet, arrow-dir")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def load_rows(config: PromptDataConfig, stats: LoadStats):
+    """The file's rows as a `datasets.Dataset` (rows are dicts); unreadable JSON lines follow on_bad_row."""
+    import datasets  # heavy import, only where data is actually read
+
+    path = config.path
+    if not os.path.exists(path):
+        raise PromptDataError(f"prompt data file not found: {path}")
+    fmt = detect_format(path, config.format)
+    datasets.disable_progress_bars()
+    if fmt == "arrow-dir":
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if config.split not in loaded:
+                raise PromptDataError(f"{path}: no split {config.split!r} (splits: {', '.join(loaded)})")
+            loaded = loaded[config.split]
+        return loaded
+    builder = "parquet" if fmt == "parquet" else "json"
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as exc:  # datasets wraps pyarrow parse errors; find the offending line ourselves
+        if fmt != "jsonl":
+            raise PromptDataError(f"{path}: cannot read as {fmt}: {exc}") from exc
+        return datasets.Dataset.from_list(_read_jsonl_lines(path, config.on_bad_row, stats))
+
+
+def _read_jsonl_lines(path: str, on_bad_row: str, stats: LoadStats) -> list[dict]:
+    """Parse a jsonl file line by line so a syntax error names its line (1-based) or is skipped."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as exc:
+                if on_bad_row == "error":
+                    raise PromptDataError(f"{path}: line {line_no}: invalid JSON row: {exc}") from exc
+                stats.rows_read += 1
+                stats.count_bad("invalid_json")
+                continue
+            rows.append(row)
+    # Rows with inconsistent column sets still load: missing keys become None and are caught per row.
+    keys = sorted({k for r in rows for k in r})
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def _as_answer(value: Any) -> Optional[str]:
+    """Answers may be numbers in the file (e.g. 42); rewards compare text, so keep a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def check_row(row: dict, index: int, config: PromptDataConfig) -> RawPrompt:
+    """Validate one row; raises PromptDataError (without the path, added by the caller) naming the key."""
+    if config.prompt_key not in row or row[config.prompt_key] is None:
+        raise PromptDataError(f"row {index}: missing key {config.prompt_key!r}")
+    text = row[config.prompt_key]
+    if not isinstance(text, str):
+        raise PromptDataError(f"row {index}: key {config.prompt_key!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise PromptDataError(f"row {index}: key {config.prompt_key!r} is empty")
+    answer = None
+    if config.answer_key is not None:
+        raw = row.get(config.answer_key)
+        if raw is None:
+            raise PromptDataError(f"row {index}: missing key {config.answer_key!r}")
+        answer = _as_answer(raw)
+        if answer is None:
+            raise PromptDataError(f"row {index}: key {config.answer_key!r} must be a non-empty string or number, "
+                                  f"got {raw!r:.60}")
+    metadata = {}
+    for key in config.metadata_keys:
+        if key not in row or row[key] is None:
+            raise PromptDataError(f"row {index}: missing metadata key {key!r}")
+        metadata[key] = row[key]
+    return RawPrompt(index=index, text=text, answer=answer, metadata=metadata)
+
+
+def _reason(exc: PromptDataError) -> str:
+    msg = str(exc)
+    for reason in ("missing metadata key", "missing key", "must be a string", "is empty", "non-empty string"):
+        if reason in msg:
+            return reason.replace(" ", "_")
+    return "invalid"
+
+
+def check_rows(rows: Iterable[dict], config: PromptDataConfig, stats: LoadStats) -> list[RawPrompt]:
+    """All valid rows of a file; a bad row raises (naming file and row) or is counted by reason."""
+    kept: list[RawPrompt] = []
+    for index, row in enumerate(rows):
+        stats.rows_read += 1
+        try:
+            kept.append(check_row(row, index, config))
+        except PromptDataError as exc:
+            if config.on_bad_row == "error":
+                raise PromptDataError(f"{config.path}: {exc}") from None
+            stats.count_bad(_reason(exc))
+    if stats.bad_rows:
+        logger.warning("%s: skipped %d malformed rows (%s)", config.path, stats.rows_skipped,
+                       ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_rows.items())))
+    return kept
+
+
+def load_raw_prompts(config: PromptDataConfig, stats: Optional[LoadStats] = None) -> tuple[list[RawPrompt], LoadStats]:
+    """Read and validate the prompt file of `config`."""
+    stats = stats if stats is not None else LoadStats()
+    rows = load_rows(config, stats)
+    missing = [k for k in [config.prompt_key] if k not in rows.column_names]
+    if missing:
+        raise PromptDataError(f"{config.path}: no column {missing[0]!r} in any row"
+                              f"{nearest(missing[0], rows.column_names)} (columns: {', '.join(rows.column_names)})")
+    prompts = check_rows(rows, config, stats)
+    stats.rows_kept = len(prompts)
+    return prompts, stats
