@@ -27,6 +27,7 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
 
     from megatron_gift.checkpoint.hf import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
     from megatron_gift.checkpoint.hf_arch import load_hf_arch
+    from megatron_gift.mcore.model import resolve_dtype
     from megatron_gift.mcore.convert import (
         iter_mcore_checkpoint_as_hf,
         read_conversion_info,
@@ -36,6 +37,8 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     mcore_dir = Path(mcore_dir)
     info = read_conversion_info(mcore_dir)
     arch = load_hf_arch(mcore_dir)
+    # Megatron's local-spec norms keep float32 weights in a bf16 model; HF gets the declared dtype throughout.
+    dtype = resolve_dtype(info["dtype"])
     start = time.perf_counter()
     n = 0
     with atomic_output_dir(out, overwrite) as tmp:
@@ -43,7 +46,7 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
         with single_process_parallel_state():
             for name, tensor in tqdm(iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, arch), desc="mcore->hf",
                                      unit="tensor", disable=quiet):
-                writer.add(name, tensor)
+                writer.add(name, tensor.to(dtype))
                 n += 1
         writer.finish()
         config = json.loads((mcore_dir / "config.json").read_text())

@@ -127,6 +127,19 @@ def _expected_hf_shapes(arch: HFArch, e: Entry) -> list[Tuple[int, ...]]:
     return [(h,)]
 
 
+def _check_mcore_shape(arch: HFArch, e: Entry, t: Tensor) -> None:
+    hf_shapes = _expected_hf_shapes(arch, e)
+    if e.kind == "vocab":  # any padding is accepted; the rows past vocab_size are dropped
+        ok = t.dim() == 2 and t.shape[0] >= arch.vocab_size and t.shape[1] == arch.hidden_size
+        expected = f"({arch.vocab_size}+padding, {arch.hidden_size})"
+    else:
+        rows = sum(s[0] for s in hf_shapes) if e.kind != "copy" else hf_shapes[0][0]
+        expected_shape = (rows, *hf_shapes[0][1:])
+        ok, expected = tuple(t.shape) == expected_shape, str(expected_shape)
+    if not ok:
+        raise ValueError(f"Megatron tensor {e.mcore!r}: shape {tuple(t.shape)} does not match the config's {expected}")
+
+
 def to_mcore(arch: HFArch, e: Entry, hf_tensors: list[Tensor], vocab_multiple: int) -> Tensor:
     """HF tensors of one entry -> the full Megatron tensor (shapes checked, naming the HF tensor)."""
     for name, t, shape in zip(e.hf, hf_tensors, _expected_hf_shapes(arch, e)):
@@ -142,6 +155,7 @@ def to_mcore(arch: HFArch, e: Entry, hf_tensors: list[Tensor], vocab_multiple: i
 
 def to_hf(arch: HFArch, e: Entry, t: Tensor) -> Tuple[Tensor, ...]:
     """Full Megatron tensor of one entry -> its HF tensors (views where possible; callers copy if needed)."""
+    _check_mcore_shape(arch, e, t)
     if e.kind in ("qkv", "qkv_bias"):
         out = split_qkv(arch, t)
     elif e.kind == "gate_up":

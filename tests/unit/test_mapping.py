@@ -119,3 +119,12 @@ def test_transformers4_and_5_rope_layouts_agree():
     # Mistral with a window no shorter than the context never slides: accepted.
     assert parse_hf_config(_cfg(model_type="mistral", sliding_window=4096, max_position_embeddings=4096))
     assert COMMON["vocab_size"] % 128  # padding exercised
+
+
+def test_export_shape_mismatch_names_the_megatron_tensor():
+    cfg = tiny_configs()["qwen3_headdim_untied"].to_dict()  # expects linear_qkv rows (4 + 2*2) * 32 = 256
+    bad = [("decoder.layers.0.self_attention.linear_qkv.weight", torch.zeros(128, 64))]
+    with pytest.raises(ValueError, match=r"linear_qkv.weight.*\(128, 64\).*\(256, 64\)"):
+        list(mcore_to_hf_tensors(cfg, bad))
+    with pytest.raises(ValueError, match=r"embedding.word_embeddings.weight.*\(199, 64\)"):
+        list(mcore_to_hf_tensors(cfg, [("embedding.word_embeddings.weight", torch.zeros(199, 64))]))
