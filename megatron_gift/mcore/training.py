@@ -1,0 +1,85 @@
+"""Wrapping built Megatron model chunks for training: DDP, optimizer, LR schedule, grad finalisation.
+
+Owns the Megatron-LM set-up steps that sit between "a GPTModel exists" and "the schedule can run a
+step": Float16Module for bf16/fp16, DistributedDataParallel (grad buffers, optional overlap and
+distributed optimizer), get_megatron_optimizer with gradient clipping on by default, the
+OptimizerParamScheduler, and the model-config hooks the schedule relies on
+(finalize_model_grads_func, grad_scale_func, calculate_per_token_loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
+
+
+@dataclass
+class OptimSettings:
+    """AdamW and LR-schedule settings (the GIFT recipe: lr 3e-6, clip 1.0, no weight decay by default)."""
+
+    lr: float = 3e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: int = 1_000_000
+    decay_style: str = "constant"
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bf16: bool = False
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.clip_grad < 0:
+            raise ValueError(f"optimizer lr must be > 0 and clip_grad >= 0, got lr={self.lr}, clip_grad={self.clip_grad}")
+        if self.decay_style not in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
+            raise ValueError(f"unknown lr decay_style {self.decay_style!r}")
+
+
+def wrap_for_training(chunks: List[torch.nn.Module], settings: OptimSettings, pg=None) -> List[DistributedDataParallel]:
+    """Float16Module (bf16) and DDP around each model chunk; sets calculate_per_token_loss on the config."""
+    config = get_model_config(chunks[0])
+    config.calculate_per_token_loss = True  # the schedule's loss-scaling contract (mcore/schedule.py)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
+        use_distributed_optimizer=settings.use_distributed_optimizer, check_for_nan_in_grad=True)
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        module = Float16Module(config, chunk) if settings.bf16 else chunk
+        kwargs = {"pg_collection": pg} if pg is not None else {}
+        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0, **kwargs))
+    return wrapped
+
+
+def build_optimizer(model: List[DistributedDataParallel], settings: OptimSettings, pg=None):
+    """Megatron optimizer (AdamW) + param scheduler; installs the config hooks the schedule needs."""
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad, bf16=settings.bf16, params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        use_distributed_optimizer=settings.use_distributed_optimizer)
+    kwargs = {"pg_collection": pg} if pg is not None else {}
+    optimizer = get_megatron_optimizer(opt_config, model, **kwargs)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr, min_lr=settings.min_lr,
+        lr_warmup_steps=settings.warmup_steps, lr_decay_steps=settings.decay_steps, lr_decay_style=settings.decay_style,
+        start_wd=settings.weight_decay, end_wd=settings.weight_decay, wd_incr_steps=settings.decay_steps,
+        wd_incr_style="constant")
+    config = get_model_config(model[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    if settings.overlap_grad_reduce:
+        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if settings.overlap_param_gather:
+        config.param_sync_func = [m.start_param_sync for m in model] if len(model) > 1 else model[0].start_param_sync
+    return optimizer, scheduler
