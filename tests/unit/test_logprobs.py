@@ -28,3 +28,12 @@ def test_input_not_modified_and_bad_temperature():
     assert torch.equal(logits, before)
     with pytest.raises(ValueError, match="temperature"):
         vocab_parallel_logprobs(logits, torch.zeros(2, 3, dtype=torch.long), vocab_size=8, temperature=0.0)
+
+
+def test_undo_cp_split_inverts_megatron_cp_slicing():
+    from megatron_gift.mcore.schedule import _undo_cp_split
+    full = torch.arange(2 * 24).reshape(2, 24).float()
+    for cp in (2, 3):
+        chunks = full.view(2, 2 * cp, -1)
+        parts = [torch.cat([chunks[:, r], chunks[:, 2 * cp - 1 - r]], dim=1) for r in range(cp)]
+        assert torch.equal(_undo_cp_split(parts, 24), full)
