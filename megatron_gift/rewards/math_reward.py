@@ -50,19 +50,30 @@ class MathVerifyReward:
     correct / incorrect the two reward values.
     max_response_chars  only the last this many characters are parsed (final answers come last); this
                         bounds parse time where math-verify's timeout cannot run (worker threads).
-    timeout_seconds     math-verify's per-call timeout in the main thread.
+    timeout_seconds     math-verify's per-call timeout in the main thread (and in pool processes).
+    num_workers         0: score in the calling thread. N > 0: a pool of N spawned processes scores large
+                        batches in parallel (each worker runs in its own main thread, so timeouts stay on);
+                        spawning needs the launching script to have an `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, answer_key: str = "answer", correct: float = 1.0, incorrect: float = 0.0,
-                 max_response_chars: int = 4096, timeout_seconds: int = 5) -> None:
+                 max_response_chars: int = 4096, timeout_seconds: int = 5, num_workers: int = 0) -> None:
         import math_verify  # noqa: F401  -- fail at build time, not at the first batch, if it is missing
 
-        if max_response_chars <= 0 or timeout_seconds <= 0:
-            raise ValueError("math_verify reward: max_response_chars and timeout_seconds must be positive")
+        if max_response_chars <= 0 or timeout_seconds <= 0 or num_workers < 0:
+            raise ValueError("math_verify reward: max_response_chars and timeout_seconds must be positive, "
+                             "num_workers >= 0")
         self.answer_key = answer_key
         self.correct, self.incorrect = float(correct), float(incorrect)
         self.max_response_chars = max_response_chars
         self.timeout_seconds = timeout_seconds
+        self.num_workers = num_workers
+        self._pool = None
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments of an equivalent single-process scorer (sent to pool workers)."""
+        return {"answer_key": self.answer_key, "correct": self.correct, "incorrect": self.incorrect,
+                "max_response_chars": self.max_response_chars, "timeout_seconds": self.timeout_seconds}
 
     def _parse(self, text: str) -> list:
         from math_verify import parse
@@ -92,23 +103,69 @@ class MathVerifyReward:
         same = verify(gold, predicted, timeout_seconds=signal_timeout(self.timeout_seconds))
         return self.correct if same else self.incorrect
 
+    def score_pairs(self, answers: list[str], responses: list[str]) -> list[Optional[float]]:
+        """Scores of (reference, response) pairs in this process; None where the reference does not parse."""
+        gold_cache: dict[str, list] = {}  # the N responses of a group share one reference answer
+        out: list[Optional[float]] = []
+        for answer, response in zip(answers, responses):
+            if answer not in gold_cache:
+                gold_cache[answer] = self.parse_gold(answer)
+            out.append(self.score_one(gold_cache[answer], response) if gold_cache[answer] else None)
+        return out
+
+    def _score_in_pool(self, answers: list[str], responses: list[str]) -> list[Optional[float]]:
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: the trainer process holds threads (and CUDA) that a fork would copy half-alive.
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+        step = -(-len(answers) // (4 * self.num_workers))  # a few chunks per worker balance uneven costs
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            futures = [self._pool.submit(_pool_score, self.options(), answers[i:i + step], responses[i:i + step])
+                       for i in range(0, len(answers), step)]
+            return [score for f in futures for score in f.result()]
+        except BrokenProcessPool as exc:
+            self._pool = None
+            raise RewardError("math_verify reward: its worker processes died (num_workers > 0 spawns processes; "
+                              "the launching script needs an `if __name__ == '__main__':` guard, and workers "
+                              "need memory)") from exc
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         check_inputs(prompts, responses, metadata)
-        gold_cache: dict[str, list] = {}  # the N responses of a group share one reference answer
-        out = []
-        for i, (response, meta) in enumerate(zip(responses, metadata)):
+        answers = []
+        for i, meta in enumerate(metadata):
             answer = meta.get(self.answer_key) if isinstance(meta, dict) else None
             if answer is None or not str(answer).strip():
                 raise RewardError(f"math_verify reward: no '{self.answer_key}' in the metadata of "
                                   f"{describe_prompt(i, prompts, metadata)}")
-            answer = str(answer)
-            if answer not in gold_cache:
-                gold_cache[answer] = self.parse_gold(answer)
-            if not gold_cache[answer]:
-                raise RewardError(f"math_verify reward: cannot parse the reference answer {answer[:60]!r} of "
+            answers.append(str(answer))
+        use_pool = self.num_workers > 0 and len(answers) >= 2 * self.num_workers
+        scores = self._score_in_pool(answers, responses) if use_pool else self.score_pairs(answers, responses)
+        for i, score in enumerate(scores):
+            if score is None:
+                raise RewardError(f"math_verify reward: cannot parse the reference answer {answers[i][:60]!r} of "
                                   f"{describe_prompt(i, prompts, metadata)}")
-            out.append(self.score_one(gold_cache[answer], response))
-        return out
+        return scores
+
+
+_WORKER_SCORERS: dict[tuple, MathVerifyReward] = {}
+
+
+def _pool_score(options: dict[str, Any], answers: list[str], responses: list[str]) -> list[Optional[float]]:
+    """Runs in a pool process: one scorer per option set, kept between calls."""
+    key = tuple(sorted(options.items()))
+    if key not in _WORKER_SCORERS:
+        _WORKER_SCORERS[key] = MathVerifyReward(**options)
+    return _WORKER_SCORERS[key].score_pairs(answers, responses)
 
 
 def build_math_verify(**kwargs: Any) -> MathVerifyReward:

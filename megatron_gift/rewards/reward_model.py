@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
 from megatron_gift.rewards.base import check_inputs
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch / transformers are imported where used: math_verify pool workers import this package and must
+# start fast.
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class RewardModelScorer:
@@ -28,6 +28,7 @@ class RewardModelScorer:
 
     def __init__(self, path: str, batch_size: int = 8, max_length: Optional[int] = None, device: str = "cpu",
                  dtype: str = "float32", use_chat_template: Any = "auto", label_index: int = 0) -> None:
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -37,7 +38,8 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:  # batching needs a pad id; EOS is the usual stand-in
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_DTYPES[dtype]).to(device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model = model.to(device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if not 0 <= label_index < self.model.config.num_labels:
@@ -56,15 +58,17 @@ class RewardModelScorer:
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(chat, tokenize=False)
 
-    @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
         """Scores of already formatted texts, `batch_size` at a time."""
+        import torch
+
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                    truncation=self.max_length is not None, max_length=self.max_length,
                                    add_special_tokens=not self.use_chat_template)
-            logits = self.model(**batch.to(self.device)).logits  # [b, num_labels]
+            with torch.no_grad():
+                logits = self.model(**batch.to(self.device)).logits  # [b, num_labels]
             scores.extend(logits[:, self.label_index].float().cpu().tolist())
         return scores
 

@@ -102,3 +102,16 @@ def test_format_reward_default_and_custom():
     assert custom(["p", "p"], ["x\nAnswer: 3", "Answer: three"], [{}, {}]) == [0.5, -0.5]
     with pytest.raises(ValueError, match="invalid 'pattern'"):
         FormatReward(pattern="(")
+
+
+def test_process_pool_matches_in_process(reward):
+    golds = [g for g, _ in EQUIVALENT + WRONG] * 2
+    responses = [r for _, r in EQUIVALENT + WRONG] * 2
+    meta = [{"answer": g} for g in golds]
+    pooled = MathVerifyReward(num_workers=2)
+    try:
+        assert pooled(["p"] * len(golds), responses, meta) == reward(["p"] * len(golds), responses, meta)
+        with pytest.raises(RewardError, match="cannot parse the reference answer '\\\\\\\\' of response 3"):
+            pooled(["p"] * 4, ["1"] * 4, [{"answer": "1"}] * 3 + [{"answer": "\\"}])
+    finally:
+        pooled.close()
