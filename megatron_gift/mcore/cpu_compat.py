@@ -19,7 +19,6 @@ generator's state. Consequence: `model_parallel_cuda_manual_seed(seed)` also see
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import threading
@@ -95,10 +94,6 @@ def _get_stream(*args: Any, **kwargs: Any) -> _DummyStream:
     return _STREAM
 
 
-def _stream_ctx(stream: Any = None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext(stream)
-
-
 def _cpu_get_rng_state(device: Any = "cuda", *args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -167,16 +162,11 @@ def _identity(func, args, kwargs):
     return args[0]
 
 
-def _none(func, args, kwargs):
-    return None
-
-
 _SPECIAL = {
     torch.Tensor.to: _to,
     torch.Tensor.cuda: _cuda,
     torch.Tensor.type: _type,
     torch.Tensor.pin_memory: _identity,
-    torch.Tensor.record_stream: _none,
 }
 
 
@@ -209,14 +199,14 @@ PATCHES: Tuple[Patch, ...] = (
           "(wait_stream with overlap_grad_reduce)"),
     Patch("torch.cuda", "Stream", _DummyStream,
           "distributed/distributed_data_parallel.py DistributedDataParallel.__init__ communication_stream"),
-    Patch("torch.cuda", "stream", _stream_ctx,
-          "distributed/param_and_grad_buffer.py start_grad_sync: `with torch.cuda.stream(...)`"),
     Patch("torch.cuda", "Event", _DummyEvent,
           "models/common/model_chunk_schedule_plan.py, utils.py timers / straggler detector events"),
     Patch("torch.cuda", "get_rng_state", _cpu_get_rng_state,
-          "tensor_parallel/random.py CudaRNGStatesTracker.add: torch.cuda.get_rng_state()"),
+          "tensor_parallel/random.py CudaRNGStatesTracker.add: torch.cuda.get_rng_state(); "
+          "rerun_state_machine.py RerunStateMachine._save_state"),
     Patch("torch.cuda", "set_rng_state", _cpu_set_rng_state,
-          "tensor_parallel/random.py (0.19.x checkpoint paths) torch.cuda.set_rng_state"),
+          "rerun_state_machine.py RerunStateMachine._restore_state (pairs with get_rng_state; on CPU torch "
+          "the original is queued lazily and never applied)"),
     Patch("torch.cuda", "manual_seed", _cpu_manual_seed,
           "tensor_parallel/random.py CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed: "
           "torch.cuda.manual_seed (on CPU torch it is queued lazily and never applied)"),
