@@ -32,22 +32,25 @@ class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, vocab_start: int, vocab_size: int, temperature: float, group):
         v_local = logits.shape[-1]
-        scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        work_dtype = torch.promote_types(logits.dtype, torch.float32)
+        # One [.., V_local] working buffer, updated in place: scaled logits -> shifted -> exp -> softmax.
+        work = logits.to(work_dtype, copy=True)
+        if temperature != 1.0:
+            work.div_(temperature)
         if vocab_start + v_local > vocab_size:  # this shard holds padding rows (host ints: no sync)
-            padded = torch.arange(vocab_start, vocab_start + v_local, device=logits.device) >= vocab_size
-            scaled = scaled.masked_fill(padded, float("-inf"))
-        local_max = scaled.max(dim=-1).values
-        global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
-        shifted = scaled - global_max.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
+            work[..., max(0, vocab_size - vocab_start):] = float("-inf")
+        global_max = _all_reduce(work.max(dim=-1).values, dist.ReduceOp.MAX, group)
+        work.sub_(global_max.unsqueeze(-1))
         local_t = target - vocab_start
         in_shard = (local_t >= 0) & (local_t < v_local)
-        picked = shifted.gather(-1, local_t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+        local_t = local_t.clamp(0, v_local - 1)
+        picked = work.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
         target_logit = _all_reduce(torch.where(in_shard, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
+        work.exp_()
+        sum_exp = _all_reduce(work.sum(dim=-1), dist.ReduceOp.SUM, group)
         logprob = target_logit - sum_exp.log()
-        softmax = exp / sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(softmax, local_t.clamp(0, v_local - 1), in_shard)
+        work.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
+        ctx.save_for_backward(work, local_t, in_shard)
         ctx.temperature, ctx.in_dtype = temperature, logits.dtype
         return logprob
 
@@ -55,9 +58,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         # d logp / d logits_j = (1[j == target] - softmax_j) / temperature; every TP rank owns its slice.
         softmax, local_t, in_shard = ctx.saved_tensors
-        grad = -softmax
-        onehot = torch.zeros_like(grad).scatter_(-1, local_t.unsqueeze(-1), in_shard.to(grad.dtype).unsqueeze(-1))
-        grad = (grad + onehot) * (grad_out.unsqueeze(-1) / ctx.temperature)
+        grad = softmax.neg()
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), in_shard.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_out / ctx.temperature).unsqueeze(-1))
         return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
