@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_gift.data.config import PromptDataConfig
-from megatron_gift.data.loading import LoadStats, RawPrompt, load_raw_prompts
+from megatron_gift.data.loading import LoadStats, load_raw_prompts
+from megatron_gift.data.rows import PromptDataError, RawPrompt
 from megatron_gift.data.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,12 @@ class PromptRecord:
 def format_prompt(raw: RawPrompt, config: PromptDataConfig, tokenizer: PromptTokenizer) -> list[int]:
     """Token ids of one prompt: through the chat template when asked, plain text otherwise."""
     if not config.apply_chat_template:
+        if raw.messages is not None:
+            raise PromptDataError(f"{config.path}: row {raw.index}: key {config.prompt_key!r} is a chat message "
+                                  f"list, which needs 'apply_chat_template: true'")
         return tokenizer.encode(raw.text, add_special_tokens=True)
-    messages = [{"role": "user", "content": raw.text}]
-    if config.system_prompt is not None:
+    messages = list(raw.messages) if raw.messages is not None else [{"role": "user", "content": raw.text}]
+    if config.system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": config.system_prompt})
     # The rendered template already holds any BOS token; adding specials again would double it.
     return tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)

@@ -1,9 +1,8 @@
 """Read prompt rows from disk with `datasets` and check each one (L1).
 
-Owns: format detection, loading jsonl / json / parquet / `save_to_disk` directories, and turning each
-row into a `RawPrompt` (text, answer, metadata, stable row index) or a clear error naming the file, the
-row and the key. Malformed rows are skipped and counted instead when the config says `on_bad_row: skip`.
-Tokenisation lives in dataset.py.
+Owns: format detection, loading jsonl / json / parquet / `save_to_disk` directories, and running the row
+checks (rows.py) over a file: a malformed row is an error naming the file, the row and the key, or is
+skipped and counted when the config says `on_bad_row: skip`. Tokenisation lives in dataset.py.
 """
 from __future__ import annotations
 
@@ -11,28 +10,15 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from megatron_gift.data.config import PromptDataConfig
+from megatron_gift.data.rows import PromptDataError, RawPrompt, bad_row_reason, check_row
 from megatron_gift.utils.dataclass_dict import nearest
 
 logger = logging.getLogger(__name__)
 
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-
-
-class PromptDataError(ValueError):
-    """A prompt file or row that cannot be used; the message names the file, row and key."""
-
-
-@dataclass
-class RawPrompt:
-    """One valid row before tokenisation. `index` is the row's position in the file (0-based, stable)."""
-
-    index: int
-    text: str
-    answer: Optional[str]
-    metadata: dict[str, Any]
 
 
 @dataclass
@@ -113,49 +99,6 @@ def _read_jsonl_lines(path: str, on_bad_row: str, stats: LoadStats) -> list[dict
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-def _as_answer(value: Any) -> Optional[str]:
-    """Answers may be numbers in the file (e.g. 42); rewards compare text, so keep a string."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return str(value)
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def check_row(row: dict, index: int, config: PromptDataConfig) -> RawPrompt:
-    """Validate one row; raises PromptDataError (without the path, added by the caller) naming the key."""
-    if config.prompt_key not in row or row[config.prompt_key] is None:
-        raise PromptDataError(f"row {index}: missing key {config.prompt_key!r}")
-    text = row[config.prompt_key]
-    if not isinstance(text, str):
-        raise PromptDataError(f"row {index}: key {config.prompt_key!r} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise PromptDataError(f"row {index}: key {config.prompt_key!r} is empty")
-    answer = None
-    if config.answer_key is not None:
-        raw = row.get(config.answer_key)
-        if raw is None:
-            raise PromptDataError(f"row {index}: missing key {config.answer_key!r}")
-        answer = _as_answer(raw)
-        if answer is None:
-            raise PromptDataError(f"row {index}: key {config.answer_key!r} must be a non-empty string or number, "
-                                  f"got {raw!r:.60}")
-    metadata = {}
-    for key in config.metadata_keys:
-        if key not in row or row[key] is None:
-            raise PromptDataError(f"row {index}: missing metadata key {key!r}")
-        metadata[key] = row[key]
-    return RawPrompt(index=index, text=text, answer=answer, metadata=metadata)
-
-
-def _reason(exc: PromptDataError) -> str:
-    msg = str(exc)
-    for reason in ("missing metadata key", "missing key", "must be a string", "is empty", "non-empty string"):
-        if reason in msg:
-            return reason.replace(" ", "_")
-    return "invalid"
-
-
 def check_rows(rows: Iterable[dict], config: PromptDataConfig, stats: LoadStats) -> list[RawPrompt]:
     """All valid rows of a file; a bad row raises (naming file and row) or is counted by reason."""
     kept: list[RawPrompt] = []
@@ -166,18 +109,20 @@ def check_rows(rows: Iterable[dict], config: PromptDataConfig, stats: LoadStats)
         except PromptDataError as exc:
             if config.on_bad_row == "error":
                 raise PromptDataError(f"{config.path}: {exc}") from None
-            stats.count_bad(_reason(exc))
+            stats.count_bad(bad_row_reason(exc))
     if stats.bad_rows:
         logger.warning("%s: skipped %d malformed rows (%s)", config.path, stats.rows_skipped,
                        ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_rows.items())))
     return kept
 
 
-def load_raw_prompts(config: PromptDataConfig, stats: Optional[LoadStats] = None) -> tuple[list[RawPrompt], LoadStats]:
+def load_raw_prompts(config: PromptDataConfig,
+                     stats: Optional[LoadStats] = None) -> tuple[list[RawPrompt], LoadStats]:
     """Read and validate the prompt file of `config`."""
     stats = stats if stats is not None else LoadStats()
     rows = load_rows(config, stats)
-    missing = [k for k in [config.prompt_key] if k not in rows.column_names]
+    missing = [k for k in [config.prompt_key] if k not in rows.column_names
+               and k.split(".")[0] not in rows.column_names]
     if missing:
         raise PromptDataError(f"{config.path}: no column {missing[0]!r} in any row"
                               f"{nearest(missing[0], rows.column_names)} (columns: {', '.join(rows.column_names)})")

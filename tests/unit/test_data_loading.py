@@ -174,3 +174,39 @@ def test_config_checks_and_unknown_keys():
         prompt_data_config_from_dict({})
     cfg = prompt_data_config_from_dict({"path": "a.jsonl", "answer_key": None, "metadata_keys": ["id"]})
     assert cfg.answer_key is None and cfg.metadata_keys == ["id"]
+
+
+def test_chat_message_prompts_and_nested_keys(tmp_path, tok):
+    # verl-style rows: the prompt is a message list, the answer sits in a nested field.
+    rows = [{"prompt": [{"role": "system", "content": "Sys."}, {"role": "user", "content": "What is 2 + 2?"}],
+             "reward_model": {"ground_truth": "4", "style": "rule"}, "extra": {"id": 5}},
+            {"prompt": [{"role": "user", "content": "What is 3 + 3?"}],
+             "reward_model": {"ground_truth": "6", "style": "rule"}, "extra": {"id": 6}}]
+    path = str(tmp_path / "verl.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    cfg = PromptDataConfig(path=path, answer_key="reward_model.ground_truth", metadata_keys=["extra.id"],
+                           system_prompt="Default system.")
+    ds = build_prompt_dataset(cfg, tok)
+    assert [r.text for r in ds] == ["What is 2 + 2?", "What is 3 + 3?"]
+    assert [r.answer for r in ds] == ["4", "6"] and [r.metadata for r in ds] == [{"extra.id": 5}, {"extra.id": 6}]
+    # The row's own system message is kept; the configured one is only added where none is given.
+    assert tok.decode(ds[0].prompt_ids, skip_special_tokens=False) == \
+        "<|system|>\nSys.\n<|user|>\nWhat is 2 + 2?\n<|assistant|>\n"
+    assert tok.decode(ds[1].prompt_ids, skip_special_tokens=False) == \
+        "<|system|>\nDefault system.\n<|user|>\nWhat is 3 + 3?\n<|assistant|>\n"
+    with pytest.raises(PromptDataError, match="row 0: key 'prompt' is a chat message list, which needs"):
+        build_prompt_dataset(PromptDataConfig(path=path, answer_key="reward_model.ground_truth",
+                                              apply_chat_template=False), tok)
+    with pytest.raises(PromptDataError, match="row 0: missing key 'reward_model.answer'"):
+        build_prompt_dataset(PromptDataConfig(path=path, answer_key="reward_model.answer"), tok)
+
+
+def test_bad_chat_messages_name_the_row(tmp_path, tok):
+    bad = [{"prompt": [{"role": "user", "content": "ok"}], "answer": "1"},
+           {"prompt": [{"role": "robot", "content": "hi"}], "answer": "1"},
+           {"prompt": [{"role": "system", "content": "only system"}], "answer": "1"}]
+    path = write_jsonl(tmp_path / "m.jsonl", bad)
+    with pytest.raises(PromptDataError, match=r"m.jsonl: row 1: key 'prompt' message 0 must be"):
+        build_prompt_dataset(PromptDataConfig(path=path), tok)
+    ds = build_prompt_dataset(PromptDataConfig(path=path, on_bad_row="skip"), tok)
+    assert len(ds) == 1 and ds.stats.bad_rows == {"message": 1, "is_empty": 1}
