@@ -91,8 +91,10 @@ class PromptSampler:
             if key not in state:
                 raise ValueError(f"prompt sampler state: missing key {key!r}")
             if state[key] != value:
+                hint = (" (the fingerprint covers the kept rows and their token ids: a changed file, tokenizer, "
+                        "chat template or max_prompt_tokens changes it)" if key == "fingerprint" else "")
                 raise ValueError(f"prompt sampler state was saved with {key}={state[key]!r} but this run has "
-                                 f"{key}={value!r}: it belongs to a different dataset or seed")
+                                 f"{key}={value!r}: it belongs to a different dataset or seed{hint}")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self.items):
             raise ValueError(f"prompt sampler state: epoch {epoch} / position {position} out of range "

@@ -73,3 +73,24 @@ def test_shuffle_is_roughly_uniform():
     slots = np.array([epoch_order(8, seed=s, epoch=0).tolist().index(0) for s in range(4000)])
     counts = np.bincount(slots, minlength=8)
     assert counts.min() > 400 and counts.max() < 600
+
+
+def test_sampler_over_a_prompt_dataset_uses_its_fingerprint(tmp_path):
+    from megatron_gift.data import PromptDataConfig, build_prompt_dataset, load_tokenizer, make_arithmetic_dataset
+    from megatron_gift.data import make_arithmetic_tokenizer
+
+    paths = make_arithmetic_dataset(str(tmp_path / "ds"), 30, 0, seed=0)
+    tok = load_tokenizer(make_arithmetic_tokenizer(str(tmp_path / "tok")))
+    plain = build_prompt_dataset(PromptDataConfig(path=paths["train"]), tok)
+    sampler = PromptSampler(plain, seed=0)
+    first = sampler.next_batch(40)  # crosses into epoch 1
+    assert [r.index for r in first[:30]] == epoch_order(30, 0, 0).tolist()
+    state = sampler.state_dict()
+    assert state["fingerprint"] == plain.fingerprint
+    # Same rows with another system prompt: other token ids, so the saved position is refused.
+    other = build_prompt_dataset(PromptDataConfig(path=paths["train"], system_prompt="Be brief."), tok)
+    with pytest.raises(ValueError, match="fingerprint.*covers the kept rows"):
+        PromptSampler(other, seed=0).load_state_dict(state)
+    again = PromptSampler(build_prompt_dataset(PromptDataConfig(path=paths["train"]), tok), seed=0)
+    again.load_state_dict(state)
+    assert [r.index for r in again.next_batch(25)] == [r.index for r in sampler.next_batch(25)]
