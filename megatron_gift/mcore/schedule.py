@@ -188,13 +188,14 @@ class GiftSchedule:
     def _reduce_metrics(self, stored: List[dict]) -> Dict[str, Tensor]:
         pairs = reduce_metrics([{k: v for k, v in d.items() if v.shape == (2,)} for d in stored]) if stored else {}
         names = sorted(pairs)
-        flat = torch.stack([pairs[k] for k in names]) if names else torch.zeros(0, 2)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        flat = torch.stack([pairs[k] for k in names]).to(device) if names else torch.zeros(0, 2, device=device)
         dist.all_reduce(flat, group=self.pg.dp)
         if dist.get_world_size(self.pg.pp) > 1:
             names_box = [names]
             dist.broadcast_object_list(names_box, src=dist.get_process_group_ranks(self.pg.pp)[-1], group=self.pg.pp)
             names = names_box[0]
-            flat = flat if flat.shape[0] == len(names) else torch.zeros(len(names), 2)
+            flat = flat if flat.shape[0] == len(names) else torch.zeros(len(names), 2, device=device)
             dist.broadcast(flat, src=dist.get_process_group_ranks(self.pg.pp)[-1], group=self.pg.pp)
         return {k: flat[i] for i, k in enumerate(names)}
 
@@ -230,7 +231,7 @@ def _rank_inputs(microbatches: Sequence[Microbatch]) -> LossInputs:
     if len(torch.unique_consecutive(gids)) != len(uniq):
         raise ValueError("two-pass schedule: sequences of a group must be contiguous across microbatches")
     rewards = torch.cat([mb.loss_inputs.rewards for mb in microbatches]).double()
-    mask = torch.ones(len(gids), 1)
+    mask = torch.ones(len(gids), 1, device=gids.device)
     return LossInputs(mask=mask, anchor_logprobs=torch.zeros_like(mask), rewards=rewards, group_index=index,
                       num_groups=len(uniq), group_ids=gids)
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One lent-GPU session (about 8 minutes): install the carried wheels (.gpu_wheels/, made with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 megatron-core==0.16.1 pytest pluggy
+# iniconfig pytest-timeout packaging -d .gpu_wheels`), run the gpu-marked tests, then the train-phase
+# benchmark at ~1B parameters in bf16 on NCCL. Results land in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+python -m pip install -q --no-index --find-links .gpu_wheels megatron-core pytest pytest-timeout 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
+timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu -rA 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
+timeout 300 python benchmarks/train_phase.py --preset 1b --repeats 7 2>&1 | grep -v -i warn | tail -12 | tee "$OUT/train_phase_1b.txt"
