@@ -3,7 +3,6 @@ long-prompt filtering, and the config's own checks."""
 from __future__ import annotations
 
 import json
-import os
 
 import datasets
 import pytest
@@ -100,7 +99,8 @@ def test_chat_template_missing_is_an_error(tmp_path, tok):
 
 BAD_CASES = [
     ({"solution": "1", "source": "x", "level": 0}, "missing key 'question'", "missing_key"),
-    ({"question": 7, "solution": "1", "source": "x", "level": 0}, "key 'question' must be a string", "must_be_a_string"),
+    ({"question": 7, "solution": "1", "source": "x", "level": 0}, "key 'question' must be a string",
+     "must_be_a_string"),
     ({"question": "   ", "solution": "1", "source": "x", "level": 0}, "key 'question' is empty", "is_empty"),
     ({"question": "Q?", "source": "x", "level": 0}, "missing key 'solution'", "missing_key"),
     ({"question": "Q?", "solution": "1", "level": 0}, "missing metadata key 'source'", "missing_metadata_key"),
