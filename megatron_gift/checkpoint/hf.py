@@ -1,6 +1,6 @@
 """Hugging Face checkpoint files: streaming safetensors reads, sharded writes, side files, atomic output dirs.
 
-Owns: reading a HF model directory tensor by tensor (safe_open, one shard handle at a time), writing
+Owns: reading a HF model directory tensor by tensor (header parsed, each tensor read on demand), writing
 sharded safetensors with an index that transformers loads, copying config / tokenizer files, and the
 "temp dir next to the output, then rename" discipline (refusing to overwrite without permission).
 Does not own: tensor names or transforms (checkpoint/mapping.py), Megatron files (mcore/convert.py).
@@ -11,11 +11,11 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,14 +31,64 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files, truncated, or belongs to another model."""
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Shard:
+    """One safetensors file: header parsed up front (truncation checked), tensors read with pread.
+
+    Plain reads instead of safe_open's mmap: a mapped file's touched pages count in the process's
+    RSS until it is closed, which would double the converter's apparent peak for a single-file model.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            raise CheckpointError(f"{path}: unreadable or truncated safetensors header ({e})") from e
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        size = path.stat().st_size
+        if size < self.base + end:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, header needs {self.base + end})")
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.entries[name]
+        dtype = _ST_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        if end == start:
+            return torch.empty(meta["shape"], dtype=dtype)
+        buf = bytearray(end - start)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+
+
 class HFReader:
-    """Tensor-by-tensor access to a HF safetensors checkpoint; keeps at most one shard open."""
+    """Tensor-by-tensor access to a HF safetensors checkpoint (only the requested tensor is in memory)."""
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
+        self._shards: Dict[str, _Shard] = {}
         self.weight_map = self._weight_map()
-        self._open_file: Optional[str] = None
-        self._handle = None
+
+    def _shard(self, fname: str) -> _Shard:
+        if fname not in self._shards:
+            self._shards[fname] = _Shard(self.dir / fname)
+        return self._shards[fname]
 
     def _weight_map(self) -> Dict[str, str]:
         index = self.dir / INDEX_NAME
@@ -50,23 +100,15 @@ class HFReader:
             for f in sorted(set(weight_map.values())):
                 if not (self.dir / f).is_file():
                     raise CheckpointError(f"{self.dir / f}: shard listed in {INDEX_NAME} is missing")
+                missing = sorted(k for k, v in weight_map.items() if v == f and k not in self._shard(f).entries)
+                if missing:
+                    raise CheckpointError(f"{self.dir / f}: lacks tensors the index puts there: {missing[:3]}")
             return weight_map
-        single = self.dir / SINGLE_NAME
-        if single.is_file():
-            with self._safe_open(SINGLE_NAME) as f:
-                return {k: SINGLE_NAME for k in f.keys()}
+        if (self.dir / SINGLE_NAME).is_file():
+            return {k: SINGLE_NAME for k in self._shard(SINGLE_NAME).entries}
         others = sorted(p.name for p in self.dir.glob("*.bin")) if self.dir.is_dir() else []
         hint = f" (found {others}: only safetensors checkpoints are supported)" if others else ""
         raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
-
-    @contextlib.contextmanager
-    def _safe_open(self, fname: str):
-        path = self.dir / fname
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                yield f
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
 
     def names(self) -> List[str]:
         return list(self.weight_map)
@@ -78,20 +120,10 @@ class HFReader:
         fname = self.weight_map.get(name)
         if fname is None:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found (checkpoint of another model?)")
-        if fname != self._open_file:
-            self.close()
-            self._stack = contextlib.ExitStack()
-            self._handle = self._stack.enter_context(self._safe_open(fname))
-            self._open_file = fname
-        try:
-            return self._handle.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {name!r} ({e})") from e
+        return self._shard(fname).get(name)
 
     def close(self) -> None:
-        if self._open_file is not None:
-            self._stack.close()
-            self._open_file, self._handle = None, None
+        """Nothing stays open between reads; kept so callers can treat readers uniformly."""
 
 
 class ShardedSafetensorsWriter:

@@ -202,3 +202,46 @@ def iter_mcore_checkpoint_as_hf(
         for layer, e in entries.items():
             yield from mcore_to_hf_tensors(None, [(e.te, full[layer] if stacked else full)], arch=arch)
         del full
+
+
+# TP split dimension by parameter name: the layout is fixed by Megatron's layer types (column-parallel:
+# dim 0, row-parallel: dim 1, vocab-parallel embedding / output: dim 0; norms replicated). Named here
+# because the `tensor_model_parallel` attributes are not set when perform_initialization=False.
+_TP_DIM_BY_SUFFIX = (
+    ("embedding.word_embeddings.weight", 0), ("output_layer.weight", 0),
+    ("linear_qkv.weight", 0), ("linear_qkv.bias", 0), ("linear_fc1.weight", 0),
+    ("linear_proj.weight", 1), ("linear_fc2.weight", 1),
+)
+
+
+def _tp_dim(name: str) -> Optional[int]:
+    return next((d for suffix, d in _TP_DIM_BY_SUFFIX if name.endswith(suffix)), None)
+
+
+def _gather_tp(name: str, p: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
+    """Full tensor of a TP-sharded parameter (all TP ranks call this for every parameter, in order)."""
+    dim = _tp_dim(name)
+    if tp == 1 or dim is None:
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(tp)]
+    dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
+    if name.endswith("mlp.linear_fc1.weight"):
+        # SwiGLU: each rank holds [gate_shard; up_shard]; the full tensor is [gate; up].
+        halves = [torch.chunk(x, 2, dim=dim) for x in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str, torch.Tensor]]:
+    """This pipeline stage's parameters as (hf_name, full tensor), gathered over TP, global layer numbers.
+
+    Every TP rank of the stage must iterate it to the end (it all-gathers); all of them get the tensors.
+    The model must be the bare GPTModel (unwrap DDP / Float16Module first). This is the Megatron side
+    of the rollout weight sync; names come from checkpoint/mapping.py.
+    """
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    gathered = ((n, _gather_tp(n, p, tp_group, tp)) for n, p in model.named_parameters())
+    yield from mcore_to_hf_tensors(None, gathered, layer_offset=offset, arch=arch)

@@ -86,10 +86,10 @@ def transformer_config_from_hf(
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         use_cpu_initialization=on_cpu,
-        # Fused kernels need TE / apex / CUDA.
+        # Fused kernels need TE / apex / CUDA; correctness first (a GPU recipe may override these).
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=not on_cpu and te_available(),
+        persist_layer_norm=False,  # needs apex
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -16,11 +16,13 @@ from tools.convert_hf_to_mcore import convert
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-4
+ORIGINALS: dict = {}
+CONFIGS_TIED = {name: cfg.tie_word_embeddings for name, cfg in tiny_configs().items()}
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """family -> (mcore_dir, ids, reference logits [b, s, V])."""
+    """family -> (mcore_dir, ids, reference logits [b, s, V]); originals: family -> HF state dict."""
     base = tmp_path_factory.mktemp("convert_parallel")
     out = {}
     for name, cfg in tiny_configs().items():
@@ -30,17 +32,18 @@ def converted(tmp_path_factory):
         ids = tokens(cfg.vocab_size, s=40)
         with torch.no_grad():
             out[name] = (str(base / f"{name}_mcore"), ids, model(ids).logits)
+        ORIGINALS[name] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
 
 def _max_diffs(rank: int, world_size: int, cases: dict) -> dict:
     """On each rank: build this stage's model, load the checkpoint, compare full logits on the last stage."""
     from megatron_gift.checkpoint.hf_arch import load_hf_arch
-    from megatron_gift.mcore.convert import load_mcore_checkpoint
+    from megatron_gift.mcore.convert import iter_model_as_hf, load_mcore_checkpoint
     from megatron_gift.mcore.model import build_gpt_model
     from tests.convert_checks import full_logits
 
-    diffs = {}
+    diffs, exported = {}, {}
     for name, (mcore_dir, ids, ref) in cases.items():
         arch = load_hf_arch(Path(mcore_dir))
         model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False).eval()
@@ -48,15 +51,23 @@ def _max_diffs(rank: int, world_size: int, cases: dict) -> dict:
         logits = full_logits(model, ids, arch.hidden_size)
         if logits is not None:
             diffs[name] = (logits[..., : arch.vocab_size] - ref).abs().max().item()
-    return diffs
+        # The rollout weight-sync path: this stage's parameters as full HF tensors.
+        exported[name] = dict(iter_model_as_hf(model, arch))
+    return diffs, exported
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_logits_match_under_layout(converted, tp, pp):
     results = run_distributed(_max_diffs, world_size=2, tp=tp, pp=pp, timeout=240, cases=converted)
-    diffs = results[-1]  # the last rank is on the last pipeline stage in both layouts
+    diffs = results[-1][0]  # the last rank is on the last pipeline stage in both layouts
     if tp == 2:
-        assert results[0] == results[1]  # both TP ranks see the same gathered logits
+        assert results[0][0] == results[1][0]  # both TP ranks see the same gathered logits
+    for name, original in ORIGINALS.items():
+        merged = {**results[0][1][name], **results[1][1][name]}  # PP: each stage exports its own part
+        tied = CONFIGS_TIED[name]
+        assert set(merged) == {k for k in original if not (tied and k == "lm_head.weight")}, name
+        for k, t in merged.items():
+            assert torch.equal(t, original[k]), (name, k)
     assert set(diffs) == set(converted)
     for name, d in sorted(diffs.items()):
         print(f"TP={tp} PP={pp} {name}: max |logit diff| = {d:.3e}")
