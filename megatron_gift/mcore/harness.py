@@ -33,6 +33,8 @@ from megatron_gift.mcore.parallel import check_parallel_sizes, destroy_parallel,
 RANK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
             "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
 _GRACE_S = 3.0  # after a first failure, how long to wait for the other ranks' own reports
+_READY, _DONE, _FAILED = "ready", "done", "failed"  # messages a rank sends on the results queue
+_DIED = "process died"
 
 
 class DistributedRunError(RuntimeError):
@@ -51,18 +53,19 @@ def free_port() -> int:
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
-                    vpp: Optional[int] = None, timeout: float = 300.0, seed: int = 1234,
-                    spawn: Optional[bool] = None, **kwargs: Any) -> List[Any]:
+                    vpp: Optional[int] = None, timeout: float = 300.0, start_timeout: float = 300.0,
+                    seed: int = 1234, spawn: Optional[bool] = None, **kwargs: Any) -> List[Any]:
     """Run `fn(rank, world_size, **kwargs)` on `world_size` gloo ranks; return the values by rank.
 
     Each rank enables the CPU compatibility layer, joins a gloo process group, initialises Megatron
     parallel state with the given tp/pp/cp/vpp (dp = world_size / (tp*pp*cp)) and seeds the
     model-parallel RNG with `seed`. Raises DistributedRunError with the failing rank's traceback if any
-    rank fails, or naming the ranks still running after `timeout` seconds.
+    rank fails or exits, or naming the ranks not started after `start_timeout` seconds (imports and
+    rendezvous are slow on a busy 2-core machine) or still running `timeout` seconds after all started.
     """
     check_parallel_sizes(world_size, tp, pp, cp, vpp)
     spec = dict(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, seed=seed, timeout=timeout,
-                port=free_port())
+                start_timeout=start_timeout, port=free_port())
     if spawn is None:
         spawn = world_size > 1
     if not spawn:
@@ -81,7 +84,9 @@ def _rank_context(rank: int, spec: Dict[str, Any]) -> Iterator[None]:
     with enable_cpu_compat(strict=True):
         dist.init_process_group(
             backend="gloo", init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
-            world_size=spec["world_size"], timeout=timedelta(seconds=spec["timeout"]))
+            world_size=spec["world_size"],
+            # gloo's own timeout covers the rendezvous too, whose ranks start seconds apart.
+            timeout=timedelta(seconds=max(spec["timeout"], spec["start_timeout"])))
         try:
             initialize_parallel(spec["tp"], spec["pp"], spec["cp"], spec["vpp"], seed=spec["seed"])
             try:
@@ -109,11 +114,12 @@ def _worker(rank: int, fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dic
     torch.set_num_threads(1)
     try:
         with _rank_context(rank, spec):
+            results.put((rank, _READY, None))
             value = fn(rank, spec["world_size"], **kwargs)
         # Plain pickle: tensors by value (torch's queue pickler would use shared memory).
-        results.put((rank, True, pickle.dumps(value)))
+        results.put((rank, _DONE, pickle.dumps(value)))
     except BaseException:  # report everything, including KeyboardInterrupt / SystemExit, to the parent
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, _FAILED, traceback.format_exc()))
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -145,7 +151,7 @@ def _run_spawned(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str,
             p.start()
             procs.append(p)
     try:
-        return _collect(procs, results, spec["timeout"])
+        return _collect(procs, results, spec["timeout"], spec["start_timeout"])
     finally:
         for p in procs:
             if p.is_alive():
@@ -155,12 +161,14 @@ def _run_spawned(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str,
         results.close()
 
 
-def _collect(procs: List[Any], results: "mp.Queue", timeout: float) -> List[Any]:
+def _collect(procs: List[Any], results: "mp.Queue", timeout: float, start_timeout: float) -> List[Any]:
+    """Wait for every rank: start-up within start_timeout, then fn within timeout of the last start."""
     n = len(procs)
+    ready: set = set()
     values: Dict[int, Any] = {}
     failures: Dict[int, str] = {}
     dead_since: Dict[int, float] = {}
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + start_timeout
     while len(values) + len(failures) < n:
         now = time.monotonic()
         if failures:
@@ -168,34 +176,54 @@ def _collect(procs: List[Any], results: "mp.Queue", timeout: float) -> List[Any]
         if now >= deadline:
             break
         try:
-            rank, ok, payload = results.get(timeout=min(0.5, deadline - now))
+            rank, kind, payload = results.get(timeout=min(0.5, deadline - now))
         except queue.Empty:
             _note_dead(procs, values, failures, dead_since)
             continue
-        if ok:
+        if kind == _READY:
+            ready.add(rank)
+            if len(ready) == n and not failures:
+                deadline = time.monotonic() + timeout
+        elif kind == _DONE:
             values[rank] = pickle.loads(payload)
         else:
             failures[rank] = payload
     if failures:
-        first = next(iter(failures))  # the first to report; later ones are often echoes of it
-        others = sorted(set(failures) - {first})
-        extra = f" (ranks {others} failed too)" if others else ""
-        raise DistributedRunError(f"rank {first} of {n} failed{extra}:\n{failures[first]}", rank=first)
-    if len(values) < n:
-        missing = sorted(set(range(n)) - set(values))
+        raise _failure_error(failures, n)
+    if len(ready) < n:
+        missing = sorted(set(range(n)) - ready)
         raise DistributedRunError(
-            f"ranks {missing} of {n} did not finish within timeout={timeout:g} s (hung or deadlocked); "
-            f"finished: {sorted(values)}", rank=missing[0])
+            f"ranks {missing} of {n} did not finish start-up (imports, gloo rendezvous, Megatron parallel "
+            f"state) within start_timeout={start_timeout:g} s", rank=missing[0])
+    missing = sorted(set(range(n)) - set(values))
+    if missing:
+        raise DistributedRunError(
+            f"ranks {missing} of {n} did not return within timeout={timeout:g} s after start-up "
+            f"(hung or deadlocked); returned: {sorted(values)}", rank=missing[0])
     return [values[r] for r in range(n)]
 
 
 def _note_dead(procs: List[Any], values: Dict[int, Any], failures: Dict[int, str],
                dead_since: Dict[int, float]) -> None:
-    """A rank that exited without reporting (segfault, os._exit, OOM kill) counts as failed once it
-    has been gone for _GRACE_S (its last message may still be in the pipe)."""
+    """A rank that exited without reporting counts as failed: at once with a non-zero exit code
+    (segfault, os._exit, OOM kill: _worker itself always exits 0), after _GRACE_S with code 0 (its
+    last message may still be in the pipe)."""
     now = time.monotonic()
     for rank, p in enumerate(procs):
         if rank in values or rank in failures or p.is_alive() or p.exitcode is None:
             continue
-        if now - dead_since.setdefault(rank, now) > _GRACE_S:
-            failures[rank] = f"process exited with code {p.exitcode} without reporting a result"
+        if p.exitcode != 0 or now - dead_since.setdefault(rank, now) > _GRACE_S:
+            failures[rank] = f"{_DIED}: exited with code {p.exitcode} without reporting a result"
+
+
+def _failure_error(failures: Dict[int, str], n: int) -> DistributedRunError:
+    """One error for the whole run: the likely root cause in full, the other ranks in one line each.
+    A rank that died without reporting comes first (the others then fail with 'connection reset'
+    echoes); otherwise the first rank to report."""
+    order = sorted(failures, key=lambda r: not failures[r].startswith(_DIED))  # stable: keeps arrival order
+    first, others = order[0], order[1:]
+    lines = [f"rank {first} of {n} failed:", failures[first].rstrip()]
+    if others:
+        lines.append("other failing ranks (often consequences of the first):")
+        lines += [f"  rank {r}: {failures[r].strip().splitlines()[-1]}" for r in others]
+    return DistributedRunError("\n".join(lines), rank=first)
