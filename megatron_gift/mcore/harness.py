@@ -9,6 +9,9 @@ Does not own: what the ranks compute (the caller's `fn`), parallel-state details
 `fn` must be picklable (a module-level function) and is called as `fn(rank, world_size, **kwargs)`.
 Return values travel back pickled (tensors by value, not shared memory), so keep them small.
 world_size == 1 runs the same per-rank code in the calling process (no spawn) unless spawn=True.
+On a host with CUDA the ranks are still CPU processes: they are started with CUDA_VISIBLE_DEVICES=""
+(so the compatibility layer, which never activates where CUDA is visible, can run in them), and
+world_size == 1 is spawned too, since the calling process sees the GPU.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ import torch.multiprocessing as mp
 from megatron_gift.mcore.cpu_compat import enable_cpu_compat
 from megatron_gift.mcore.parallel import check_parallel_sizes, destroy_parallel, initialize_parallel
 
-# Environment for every rank: one OpenMP / MKL thread (N ranks share 2 cores), gloo on loopback.
+# Environment for every rank: one OpenMP / MKL thread (N ranks share 2 cores), gloo on loopback,
+# no GPU (this is the CPU harness, also on GPU hosts).
 RANK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-            "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+            "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 _GRACE_S = 3.0  # after a first failure, how long to wait for the other ranks' own reports
 _READY, _DONE, _FAILED = "ready", "done", "failed"  # messages a rank sends on the results queue
 _DIED = "process died"
@@ -67,10 +71,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tp: int = 1, pp: in
     spec = dict(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, seed=seed, timeout=timeout,
                 start_timeout=start_timeout, port=free_port())
     if spawn is None:
-        spawn = world_size > 1
+        spawn = world_size > 1 or torch.cuda.is_available()
     if not spawn:
         if world_size != 1:
             raise ValueError(f"spawn=False needs world_size=1 (got {world_size})")
+        if torch.cuda.is_available():
+            raise RuntimeError("run_distributed(spawn=False): this process sees CUDA, and the harness runs "
+                               "CPU/gloo ranks only; leave spawn unset to run the rank in a CPU-only process")
         return [_run_in_process(fn, spec, kwargs)]
     return _run_spawned(fn, spec, kwargs)
 
