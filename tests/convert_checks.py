@@ -16,11 +16,13 @@ from megatron.core import parallel_state as ps
 def full_logits(model, ids: torch.Tensor, hidden_size: int) -> Optional[torch.Tensor]:
     """ids [b, s] -> logits [b, s, padded_vocab] on the last PP stage (gathered over TP); None elsewhere."""
     b, s = ids.shape
-    pos = torch.arange(s)[None].expand(b, -1)
+    device = next(model.parameters()).device  # CUDA on a GPU host, CPU under the compat layer
+    ids = ids.to(device)
+    pos = torch.arange(s, device=device)[None].expand(b, -1)
     pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     with torch.no_grad():
         if pp_rank > 0:
-            recv = torch.empty(s, b, hidden_size)
+            recv = torch.empty(s, b, hidden_size, device=device)
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(recv)
         out = model(ids if pp_rank == 0 else None, pos, None)
@@ -32,7 +34,7 @@ def full_logits(model, ids: torch.Tensor, hidden_size: int) -> Optional[torch.Te
         parts = [torch.empty_like(out) for _ in range(tp)]
         dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
         out = torch.cat(parts, dim=-1)
-    return out
+    return out.float().cpu()
 
 
 def tokens(vocab: int, b: int = 2, s: int = 24, seed: int = 0) -> torch.Tensor:

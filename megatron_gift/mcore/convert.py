@@ -115,8 +115,9 @@ def save_hf_as_mcore(
         raise CheckpointError(f"{hf_dir}: tensors not expected for {arch.model_type} with this config: {extra[:5]}"
                               f"{' ...' if len(extra) > 5 else ''} (checkpoint of another model?)")
     with single_process_parallel_state():
+        # Host memory even on a GPU host: the model is only a staging buffer for the save.
         model = build_gpt_model(arch, dtype=dtype, vocab_multiple=vocab_multiple, use_te=False,
-                                perform_initialization=False)
+                                perform_initialization=False, use_cpu_initialization=True)
         try:
             copy_hf_into_model(model, arch, reader.get, vocab_multiple, progress)
         finally:

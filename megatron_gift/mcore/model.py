@@ -172,5 +172,9 @@ def build_gpt_model(
         seq_len_interpolation_factor=arch.rope.factor if arch.rope.rope_type == "linear" else None,
         vp_stage=vp_stage,
     )
+    if torch.cuda.is_available() and not config.use_cpu_initialization:
+        # As Megatron-LM's get_model: modules built outside Megatron's parallel layers (the local
+        # spec's torch norms) are created on the host; move everything to this rank's device.
+        model.cuda(torch.cuda.current_device())
     _fix_llama3_inv_freq(model, arch)
     return model

@@ -41,7 +41,7 @@ def test_llama3_inverse_frequencies_match_transformers(parallel_state_1):
     cfg = CONFIGS["llama3_scaled_untied"]
     model = build_gpt_model(cfg, perform_initialization=False)
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-    torch.testing.assert_close(model.rotary_pos_emb.inv_freq, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.rotary_pos_emb.inv_freq.cpu(), ref, rtol=1e-6, atol=0)
     # megatron-core's own defaults (original_max_position_embeddings=8192) would differ for this config:
     default = model.rotary_pos_emb._apply_scaling(
         1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)), factor=8.0)
