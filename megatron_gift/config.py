@@ -1,0 +1,139 @@
+"""Run-config machinery (L0): YAML in, `--set key=value` overrides, the resolved config out, and the
+plain configs of the training loop and the parallel layout.
+
+Owns: reading a YAML run config into a dict, applying dotted overrides (values parsed as YAML, so
+`--set trainer.steps=3` is an int and `--set loss.name=grpo` a string), naming unknown keys with the
+nearest valid one (utils/dataclass_dict.py), and writing the resolved config to the run directory.
+Sub-configs owned by lower layers (data, rewards, rollout, losses) are composed in run_config.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import yaml
+
+
+def load_yaml(path: str | Path) -> Dict[str, Any]:
+    """A YAML mapping from `path`; a clear error for a missing file or a non-mapping document."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"run config '{path}' is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"run config '{path}' must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """Apply `a.b.c=value` overrides in place (value parsed as YAML); returns data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override '{item}' has an empty key component")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override '{item}': '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses / tuples / enums -> plain YAML-safe Python values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if callable(obj) and not isinstance(obj, (str, int, float, bool)):
+        return getattr(obj, "__name__", repr(obj))
+    return obj
+
+
+def write_resolved(config: Any, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (never overwrites a different existing one silently)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_plain(config), sort_keys=False)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout; dp is what remains of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"parallel.{name} must be an int >= 1, got {value!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        if self.vpp is not None and self.pp < 2:
+            raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = "
+                             f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}")
+        return world_size // model_parallel
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, prompts per step (global), responses per prompt, microbatches, logging.
+
+    updates_per_rollout: optimizer steps per rollout batch (the GIFT recipe uses 4: 1024 prompts, 4 x 256).
+    anchor_refresh: for anchor `old`, recompute the anchor once per rollout batch (before its first update).
+    """
+
+    run_dir: str = "runs/default"
+    steps: int = 10
+    prompts_per_step: int = 8
+    responses_per_prompt: int = 4
+    microbatches: int = 1
+    updates_per_rollout: int = 1
+    seed: int = 1234
+    log_every: int = 1
+    eval_every: int = 0
+    eval_prompts: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",
+                     "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"trainer.{name} must be an int >= 1, got {value!r}")
+        if self.prompts_per_step % self.updates_per_rollout:
+            raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
+                             f"trainer.updates_per_rollout={self.updates_per_rollout}")

@@ -1,0 +1,120 @@
+"""Process start-up for a training job and the policy / reference models of this rank.
+
+Owns: joining torch.distributed from torchrun's environment (or as a single process), NCCL on GPUs and
+gloo plus the CPU compatibility layer otherwise, Megatron parallel state for the run's layout, the
+per-replica process group (all ranks with the same data-parallel index: the ranks that share one
+rollout engine), and building this rank's model stage with the run's weights (an HF directory at
+TP = PP = 1, or a converted Megatron checkpoint at any layout).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_gift.checkpoint.hf import HFReader
+from megatron_gift.checkpoint.hf_arch import HFArch
+from megatron_gift.mcore.convert import copy_hf_into_model, load_mcore_checkpoint
+from megatron_gift.mcore.model import build_gpt_model
+from megatron_gift.mcore.parallel import destroy_parallel, initialize_parallel
+
+
+@dataclass
+class Runtime:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    dp: int
+    dp_rank: int
+    pg: Any  # ProcessGroupCollection
+    replica_group: Any  # ranks sharing this rank's data-parallel index (tp x pp x cp of one replica)
+    replica_leader: int  # global rank that runs the rollout engine for this replica
+    device: torch.device
+    _stack: contextlib.ExitStack
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.replica_leader
+
+    @property
+    def is_logger(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        destroy_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._stack.close()
+
+
+def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed: int = 1234,
+          timeout_s: float = 1800.0) -> Runtime:
+    """Join (or create) the process group from RANK / WORLD_SIZE / MASTER_* and set up Megatron."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    stack = contextlib.ExitStack()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        from megatron_gift.mcore.cpu_compat import enable_cpu_compat
+        stack.enter_context(enable_cpu_compat())
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    initialize_parallel(tp, pp, cp, vpp, seed=seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    replica_group, leader = _replica_group(rank, world, dp_rank)
+    return Runtime(rank=rank, world_size=world, dp=dp, dp_rank=dp_rank,
+                   pg=ProcessGroupCollection.use_mpu_process_groups(), replica_group=replica_group,
+                   replica_leader=leader, device=torch.device("cuda", torch.cuda.current_device()) if cuda
+                   else torch.device("cpu"), _stack=stack)
+
+
+def _replica_group(rank: int, world: int, dp_rank: int):
+    """One group per data-parallel index; every rank creates all of them in the same order."""
+    dp_ranks: List[Any] = [None] * world
+    dist.all_gather_object(dp_ranks, dp_rank)
+    mine, leader = None, rank
+    for index in sorted(set(dp_ranks)):
+        members = [r for r in range(world) if dp_ranks[r] == index]
+        group = dist.new_group(members) if world > 1 else None
+        if index == dp_rank:
+            mine, leader = group, members[0]
+    return mine, leader
+
+
+def broadcast_in_replica(obj: Any, rt: Runtime) -> Any:
+    """Send a picklable object from the replica leader to every rank of its replica."""
+    if rt.replica_group is None or dist.get_world_size(rt.replica_group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=rt.replica_leader, group=rt.replica_group)
+    return box[0]
+
+
+def build_stage_model(arch: HFArch, hf_dir: str, mcore_dir: Optional[str], dtype: torch.dtype,
+                      vocab_multiple: int, device: torch.device, **overrides: Any):
+    """This rank's pipeline stage with the run's initial weights."""
+    model = build_gpt_model(arch, dtype=dtype, vocab_multiple=vocab_multiple, **overrides)
+    if mcore_dir:
+        load_mcore_checkpoint(model, Path(mcore_dir))
+    elif ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+        reader = HFReader(Path(hf_dir))
+        try:
+            copy_hf_into_model(model, arch, reader.get, vocab_multiple=vocab_multiple)
+        finally:
+            reader.close()
+    else:
+        raise ValueError("TP or PP > 1 loads a converted Megatron checkpoint: run tools/convert_hf_to_mcore.py "
+                         f"--hf-dir {hf_dir} --out DIR and set model.mcore_dir: DIR")
+    return model.to(device)

@@ -1,0 +1,125 @@
+"""The whole run config (L3): composes the typed sub-configs owned by each layer into one dataclass.
+
+Owns: the top-level sections (model, data, rewards, loss, rollout, trainer, parallel, precision, optim,
+warmstart), building them from YAML + `--set` overrides with nearest-key errors, resolving relative
+paths against the config file's folder, and checks that span sections (layout vs world size, groups vs
+data-parallel ranks and microbatches).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+from megatron_gift.algo.registry import build_loss
+from megatron_gift.config import ParallelConfig, TrainerConfig, apply_overrides, load_yaml
+from megatron_gift.data.config import PromptDataConfig
+from megatron_gift.mcore.precision import PrecisionConfig
+from megatron_gift.mcore.training import OptimSettings
+from megatron_gift.rewards.combine import RewardConfig
+from megatron_gift.rollout.base import SamplingConfig
+from megatron_gift.utils.dataclass_dict import from_dict, nearest
+
+
+@dataclass
+class ModelConfig:
+    """hf_dir: the Hugging Face checkpoint the policy, the reference and the rollout engine start from;
+    mcore_dir: its converted Megatron checkpoint (tools/convert_hf_to_mcore.py), needed for TP or PP > 1.
+    Leave it empty with a `warmstart` section to have the trainer make (and cache) a tiny warm-started one."""
+
+    hf_dir: str = ""
+    mcore_dir: str = ""
+    vocab_multiple: int = 128
+
+
+@dataclass
+class LossConfig:
+    """name: a registered loss (gift, grpo); options: that loss's config fields; schedule: single_pass / two_pass."""
+
+    name: str = "gift"
+    options: Dict[str, Any] = field(default_factory=dict)
+    schedule: str = "single_pass"
+
+    def __post_init__(self) -> None:
+        build_loss(self.name, self.options)  # validates the name and every option now, not at step 1
+        if self.schedule not in ("single_pass", "two_pass"):
+            raise ValueError(f"loss.schedule must be 'single_pass' or 'two_pass', got {self.schedule!r}")
+
+
+@dataclass
+class RolloutConfig:
+    """sampling: how responses are drawn; engine: VllmConfig fields except `model` (taken from model.hf_dir)."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WarmStartConfig:
+    """A tiny Llama made from a config and briefly fine-tuned on the data's reference solutions (CPU demo)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    solution_key: str = "solution"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: PromptDataConfig
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig(dtype="float32"))
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    warmstart: Optional[WarmStartConfig] = None
+    eval_data: Optional[PromptDataConfig] = None
+
+    def check_world(self, world_size: int) -> int:
+        """Data-parallel size for this world; errors name the sizes that do not fit."""
+        dp = self.parallel.data_parallel_size(world_size)
+        per_update = self.trainer.prompts_per_step // self.trainer.updates_per_rollout
+        if per_update % (dp * self.trainer.microbatches):
+            raise ValueError(f"{per_update} prompt groups per optimizer step cannot be split into whole groups over "
+                             f"{dp} data-parallel ranks x {self.trainer.microbatches} microbatches")
+        return dp
+
+
+_SECTIONS = {f.name for f in fields(RunConfig)}
+_PATH_KEYS = (("model", "hf_dir"), ("data", "path"), ("eval_data", "path"))
+
+
+def _resolve_paths(data: Dict[str, Any], base: Path) -> None:
+    """Relative paths that exist next to the config file are taken from there (else from the CWD)."""
+    for section, key in _PATH_KEYS:
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            data[section][key] = str((base / value).resolve())
+
+
+def run_config_from_dict(data: Dict[str, Any]) -> RunConfig:
+    for key in data:
+        if key not in _SECTIONS:
+            raise ValueError(f"unknown section '{key}' in run config{nearest(key, _SECTIONS)} "
+                             f"(valid sections: {', '.join(sorted(_SECTIONS))})")
+    data = dict(data)
+    for optional, cls in (("warmstart", WarmStartConfig), ("eval_data", PromptDataConfig)):
+        if data.get(optional) is not None:
+            data[optional] = from_dict(cls, data[optional], where=optional)
+    return from_dict(RunConfig, data, where="run config")
+
+
+def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """YAML file + `--set` overrides -> validated RunConfig."""
+    data = apply_overrides(load_yaml(path), overrides)
+    _resolve_paths(data, Path(path).resolve().parent)
+    return run_config_from_dict(data)

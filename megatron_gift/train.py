@@ -1,0 +1,43 @@
+"""Command-line entry: `python -m megatron_gift.train CONFIG.yaml [--set key=value ...]` (or `megatron-gift-train`).
+
+Runs under torchrun for several ranks (gloo on CPU, NCCL on GPU) or as a single process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="megatron-gift-train", description="GIFT RL fine-tuning on Megatron-Core")
+    ap.add_argument("config", help="run config YAML (see examples/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set trainer.steps=3 (repeatable)")
+    ap.add_argument("--plot", action="store_true", help="draw reward and loss curves to RUN_DIR/curves.png at the end")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megatron_gift.run_config import load_run_config
+    from megatron_gift.trainer import Trainer
+
+    cfg = load_run_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    if args.plot and int(os.environ.get("RANK", 0)) == 0:
+        from tools.plot_metrics import plot_runs
+        out = plot_runs([cfg.trainer.run_dir], os.path.join(cfg.trainer.run_dir, "curves.png"))
+        print(f"[train] curves written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
