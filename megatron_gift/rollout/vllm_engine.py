@@ -60,6 +60,9 @@ class VllmEngine(RolloutEngine):
         self.last_update: Dict[str, float] = {}
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # A default process group that exists now belongs to the trainer: vLLM joins it (external launcher)
+        # and close() must leave it alive.
+        self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         start = time.perf_counter()
         with _preserve_process_state():
             from vllm import LLM
@@ -215,19 +218,33 @@ class VllmEngine(RolloutEngine):
                                f"partial update); call update_weights with the full model first")
 
     def close(self) -> None:
-        """Shut the engine down and free its memory so another engine can start in this process."""
+        """Shut the engine down and free its memory so another engine can start in this process.
+        A trainer-owned default process group (colocated ranks) stays usable."""
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         del self.llm
-        with contextlib.suppress(Exception):
+        from vllm.distributed import parallel_state
+        # EngineCore.shutdown -> cleanup_dist_env_and_memory -> destroy_distributed_environment, which
+        # also destroys torch's default group: swap in a version that spares it when the trainer owns it.
+        original = parallel_state.destroy_distributed_environment
+        if not self._owns_default_group:
+            parallel_state.destroy_distributed_environment = _destroy_vllm_world_only
+        try:
             llm.llm_engine.engine_core.shutdown()
+        finally:
+            parallel_state.destroy_distributed_environment = original
         del llm
         gc.collect()
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-            destroy_model_parallel()
-            destroy_distributed_environment()
+
+
+def _destroy_vllm_world_only() -> None:
+    """vLLM's destroy_distributed_environment without destroying torch's default process group."""
+    from vllm.distributed import parallel_state
+    if parallel_state._WORLD:
+        parallel_state._WORLD.destroy()
+    parallel_state._WORLD = None
+    parallel_state._NODE_COUNT = None
 
 
 # Tied-embedding checkpoints may lack lm_head.weight; a trainer may still send it (vLLM skips it).

@@ -263,3 +263,46 @@ def test_zz_report_figures():
     """Prints the measured figures (run with -s); asserts they were collected."""
     print("\nrollout figures:", FIGURES)
     assert any("logprob maxdiff" in k for k in FIGURES)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_colocated_ranks(tmp_path):
+    """Two torchrun ranks (gloo) each build a TP=2 engine with the external launcher, as colocated trainer
+    ranks do: both must produce transformers' greedy output, the same samples, accept a bucketed update,
+    and leave the trainer's default process group usable."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    config, cls = _hf_config("llama")
+    torch.manual_seed(4321)
+    model = cls(config).to(torch.float32).eval()
+    model.save_pretrained(tmp_path / "model")
+    expected_old = [_hf_greedy(model, p, 12) for p in PROMPTS]
+    new_state = _perturbed_state(model, 0.05, seed=7)
+    _load(model, new_state)
+    expected_new = [_hf_greedy(model, p, 12) for p in PROMPTS]
+    weights = str(tmp_path / "new.safetensors")
+    save_file(new_state, weights)
+    (tmp_path / "new.safetensors.order").write_text(json.dumps(list(new_state)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "rollout_tp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), worker, str(tmp_path / "model"), weights, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for out in ranks:
+        assert out["world"] == 2 and out["allreduce"] == 3.0 and out["allreduce_after_close"] == 3.0
+        assert out["greedy"] == expected_old
+        assert out["greedy_new"] == expected_new and out["greedy_new"] != expected_old
+        assert out["buckets"] >= 3
+    assert ranks[0]["samples"] == ranks[1]["samples"]
+    assert ranks[0]["logprobs"] == ranks[1]["logprobs"]
