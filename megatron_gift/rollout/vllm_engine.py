@@ -144,7 +144,7 @@ class VllmEngine(RolloutEngine):
         stats = {"buckets": 0, "bytes": 0, "seconds": 0.0}
         start = time.perf_counter()
         try:
-            with _quiet(_RELOAD_LOGGERS):
+            with _quiet(_RELOAD_LOGGERS), torch.no_grad():  # trainer parameters may require grad
                 for bucket in iter_buckets(named_tensors, self.config.update_bucket_bytes):
                     self._check_names(bucket)
                     self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})

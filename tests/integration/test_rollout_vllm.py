@@ -48,7 +48,7 @@ def setup(request, tmp_path_factory):
     model.save_pretrained(path)
     rng_before, threads_before, set_threads_before = torch.get_rng_state(), torch.get_num_threads(), \
         torch.set_num_threads
-    engine = VllmEngine(VllmConfig(model=str(path), dtype="float32", max_model_len=128,
+    engine = VllmEngine(VllmConfig(model=str(path), dtype="float32", max_model_len=256,
                                    kv_cache_bytes=64 << 20, update_bucket_bytes=80_000))
     # The engine must leave the host process as it found it (the trainer shares it).
     assert torch.equal(torch.get_rng_state(), rng_before)
@@ -240,6 +240,28 @@ def test_update_weights_in_buckets(setup):
         _load(model, original)
         engine.update_weights(_stream(original, names))
     assert engine.greedy(PROMPTS, 12) == old_greedy
+
+
+def test_update_invalidates_prefix_cache(setup):
+    """A prompt longer than a KV block (128 tokens on CPU) is prefix-cached; after an update its cached KV is
+    stale (computed with the old weights), so the engine must drop it: log-probs follow the new weights."""
+    _, engine, model = setup
+    prompt = [3 + (7 * i) % 250 for i in range(200)]
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=6, ignore_eos=True)
+    engine.generate([prompt], 2, sampling, seed=0)  # fills the prefix cache
+    original = _params(model)
+    new_state = _perturbed_state(model, 0.05, seed=11)
+    try:
+        _load(model, new_state)
+        # the trainer's parameters require grad: the engine must accept them as they are
+        engine.update_weights((name, p) for name, p in model.named_parameters())
+        result = engine.generate([prompt], 2, sampling, seed=0)
+        worst = max(float((torch.tensor(s.logprobs) - _hf_logprobs(model, prompt, s.token_ids, 0.7)).abs().max())
+                    for s in result.samples[0])
+        assert worst < LOGPROB_TOL
+    finally:
+        _load(model, original)
+        engine.update_weights(_stream(original, list(original)))
 
 
 def test_update_weights_rejects_bad_input(setup):
