@@ -105,7 +105,8 @@ def _rank_context(rank: int, spec: Dict[str, Any]) -> Iterator[None]:
 
 
 def _run_in_process(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str, Any]) -> Any:
-    threads = torch.get_num_threads()
+    # Seeding the model-parallel RNG reseeds the CPU generator (cpu_compat): give the caller's back.
+    threads, rng_state = torch.get_num_threads(), torch.get_rng_state()
     torch.set_num_threads(1)
     try:
         with _rank_context(0, spec):
@@ -114,6 +115,7 @@ def _run_in_process(fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[s
         raise DistributedRunError(f"rank 0 of 1 failed:\n{traceback.format_exc()}", rank=0) from exc
     finally:
         torch.set_num_threads(threads)
+        torch.set_rng_state(rng_state)
 
 
 def _worker(rank: int, fn: Callable[..., Any], spec: Dict[str, Any], kwargs: Dict[str, Any],

@@ -107,7 +107,9 @@ def _single(rank: int, world_size: int, scale: float):
 
 def test_single_process_mode_runs_in_process_and_cleans_up():
     from megatron.core import parallel_state as ps
+    rng_state, threads = torch.get_rng_state(), torch.get_num_threads()
     (out,) = run_distributed(_single, 1, scale=2.5)
+    assert torch.equal(torch.get_rng_state(), rng_state) and torch.get_num_threads() == threads
     assert (out["rank"], out["world"], out["tp"], out["compat"]) == (0, 1, 1, True)
     assert torch.equal(out["value"], torch.full((3,), 2.5))
     assert not dist.is_initialized() and not ps.model_parallel_is_initialized() and not cpu_compat_active()
