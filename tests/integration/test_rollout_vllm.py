@@ -264,6 +264,25 @@ def test_update_invalidates_prefix_cache(setup):
         engine.update_weights(_stream(original, list(original)))
 
 
+def test_update_from_megatron_names_through_mapping(setup):
+    """The trainer's path: Megatron-layout tensors -> checkpoint.mapping.mcore_to_hf_tensors (a stream in
+    Megatron parameter order) -> update_weights. The result must equal transformers with those weights."""
+    from megatron_gift.checkpoint.mapping import hf_to_mcore_tensors, mcore_to_hf_tensors, parse_hf_config
+
+    _, engine, model = setup
+    original = _params(model)
+    new_state = _perturbed_state(model, 0.05, seed=21)
+    arch = parse_hf_config(model.config)
+    mcore = list(hf_to_mcore_tensors(arch, new_state.__getitem__))  # what the trainer would hold
+    try:
+        _load(model, new_state)
+        engine.update_weights(mcore_to_hf_tensors(model.config, iter(mcore)))
+        assert engine.greedy(PROMPTS, 12) == [_hf_greedy(model, p, 12) for p in PROMPTS]
+    finally:
+        _load(model, original)
+        engine.update_weights(_stream(original, list(original)))
+
+
 def test_update_weights_rejects_bad_input(setup):
     _, engine, model = setup
     state = _params(model)
