@@ -48,8 +48,21 @@ def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str,
             if not isinstance(child, dict):
                 raise ValueError(f"override '{item}': '{p}' is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _parse_value(raw)
     return data
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalar parsing, plus floats YAML 1.1 leaves as strings (`1e-4`)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def to_plain(obj: Any) -> Any:

@@ -68,6 +68,11 @@ class WarmStartConfig:
     lr: float = 3e-3
     solution_key: str = "solution"
     seed: int = 0
+    # > 0: generate the arithmetic task with operands up to this value into RUN_DIR/data and train on it
+    # (data.path / eval_data.path are replaced); 0: use data.path as configured.
+    task_max_operand: int = 0
+    task_n_train: int = 2000
+    task_n_eval: int = 200
 
 
 @dataclass

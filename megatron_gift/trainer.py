@@ -25,7 +25,7 @@ from megatron_gift.mcore import runtime as rt_mod
 from megatron_gift.mcore.precision import check_fp8_supported, transformer_precision_kwargs
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
-from megatron_gift.mcore.weight_sync import iter_policy_as_hf
+from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_model
 from megatron_gift.metrics_log import MetricsLog
 from megatron_gift.rewards import build_rewards
 from megatron_gift.run_config import RunConfig
@@ -67,11 +67,21 @@ class Trainer:
             return
         if cfg.warmstart is None:
             raise ValueError("model.hf_dir is empty and there is no warmstart section: name a HF checkpoint")
+        from megatron_gift.data import make_arithmetic_dataset
         from megatron_gift.data.builtin import builtin_arithmetic_paths
         from megatron_gift.warmstart import make_warmstart_model
+        ws = cfg.warmstart
+        if ws.task_max_operand > 0:
+            paths = {k: str(self.run_dir / "data" / f"{k}.jsonl") for k in ("train", "eval")}
+            if self.rt.rank == 0:
+                make_arithmetic_dataset(str(self.run_dir / "data"), ws.task_n_train, ws.task_n_eval, seed=ws.seed,
+                                        max_operand=ws.task_max_operand)
+            cfg.data.path = paths["train"]
+            if cfg.eval_data is not None:
+                cfg.eval_data.path = paths["eval"]
         out = str(self.run_dir / "warmstart")
         if self.rt.rank == 0:
-            make_warmstart_model(cfg.warmstart, cfg.data, builtin_arithmetic_paths()["tokenizer"], out, log=self.say)
+            make_warmstart_model(ws, cfg.data, builtin_arithmetic_paths()["tokenizer"], out, log=self.say)
         dist.barrier()
         cfg.model.hf_dir = out
 
@@ -167,6 +177,24 @@ class Trainer:
                 for _ in stream:
                     pass
 
+    def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
+        """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
+
+        A sanity check of the weight sync (DESIGN contract); single-stage, single-TP layouts only.
+        """
+        if self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp != 1:
+            raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=1)")
+        prompts = [self.dataset[i].prompt_ids for i in range(min(num_prompts, len(self.dataset)))]
+        engine_out = self.engine.greedy(prompts, max_new_tokens)
+        model = unwrap_model(self.model[0]).eval()
+        matches = 0
+        with torch.no_grad():
+            for prompt, theirs in zip(prompts, engine_out):
+                ours = _megatron_greedy(model, prompt, len(theirs), self.arch.vocab_size, self.rt.device)
+                matches += int(ours == list(theirs))
+        model.train()
+        return matches / len(prompts)
+
     # ----- the loop ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         self.timers, t0 = {}, time.perf_counter()
@@ -223,6 +251,15 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()
         self.rt.close()
+
+
+def _megatron_greedy(model, prompt, steps: int, vocab: int, device) -> list:
+    tokens = list(prompt)
+    for _ in range(steps):
+        ids = torch.tensor([tokens], device=device)
+        logits = model(ids, torch.arange(len(tokens), device=device)[None], None)
+        tokens.append(int(logits[0, -1, :vocab].argmax()))
+    return tokens[len(prompt):]
 
 
 def _to_device(mb, device) -> None:

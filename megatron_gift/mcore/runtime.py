@@ -61,7 +61,9 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
     """Join (or create) the process group from RANK / WORLD_SIZE / MASTER_* and set up Megatron."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # single process: any free port, so several runs can share a host
+        from megatron_gift.mcore.harness import free_port
+        os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
     stack = contextlib.ExitStack()
     cuda = torch.cuda.is_available()
     if cuda:
