@@ -85,10 +85,20 @@ def metric(total: Tensor, weight: Tensor | float) -> Tensor:
     return torch.stack([total, weight])
 
 
+def is_max_metric(name: str) -> bool:
+    """Metrics named *_max hold (max, 1) and combine by maximum instead of summing."""
+    return name.endswith("_max")
+
+
 def reduce_metrics(parts: list[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-    """Sum (sum, weight) metric pairs over microbatches; the caller divides at step end."""
+    """Combine (sum, weight) metric pairs over microbatches (max for *_max); the caller divides at step end."""
     out: Dict[str, Tensor] = {}
     for part in parts:
         for name, pair in part.items():
-            out[name] = out[name] + pair if name in out else pair.clone()
+            if name not in out:
+                out[name] = pair.clone()
+            elif is_max_metric(name):
+                out[name] = torch.maximum(out[name], pair)
+            else:
+                out[name] = out[name] + pair
     return out

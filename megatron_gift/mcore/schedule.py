@@ -30,7 +30,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
-from megatron_gift.types import LossInputs, Tensor, reduce_metrics
+from megatron_gift.types import LossInputs, Tensor, is_max_metric, reduce_metrics
 
 _SPLIT_KEYS = ("tokens", "position_ids", "targets", "mask", "anchor", "rollout")
 
@@ -186,17 +186,23 @@ class GiftSchedule:
         return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=bool(update_successful))
 
     def _reduce_metrics(self, stored: List[dict]) -> Dict[str, Tensor]:
+        """Sum pairs over DP (max for *_max metrics), then broadcast from the last pipeline stage."""
         pairs = reduce_metrics([{k: v for k, v in d.items() if v.shape == (2,)} for d in stored]) if stored else {}
         names = sorted(pairs)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        flat = torch.stack([pairs[k] for k in names]).to(device) if names else torch.zeros(0, 2, device=device)
-        dist.all_reduce(flat, group=self.pg.dp)
-        if dist.get_world_size(self.pg.pp) > 1:
-            names_box = [names]
-            dist.broadcast_object_list(names_box, src=dist.get_process_group_ranks(self.pg.pp)[-1], group=self.pg.pp)
-            names = names_box[0]
-            flat = flat if flat.shape[0] == len(names) else torch.zeros(len(names), 2, device=device)
-            dist.broadcast(flat, src=dist.get_process_group_ranks(self.pg.pp)[-1], group=self.pg.pp)
+        last = dist.get_process_group_ranks(self.pg.pp)[-1] if dist.get_world_size(self.pg.pp) > 1 else None
+        if last is not None:
+            box = [names]
+            dist.broadcast_object_list(box, src=last, group=self.pg.pp)
+            names = box[0]
+        flat = torch.stack([pairs[k] for k in names]).to(device) if pairs else torch.zeros(len(names), 2, device=device)
+        is_max = torch.tensor([is_max_metric(k) for k in names], device=device, dtype=torch.bool)[:, None]
+        summed, maxed = torch.where(is_max, 0.0, flat), torch.where(is_max, flat, float("-inf"))
+        dist.all_reduce(summed, group=self.pg.dp)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=self.pg.dp)
+        flat = torch.where(is_max, maxed, summed)
+        if last is not None:
+            dist.broadcast(flat, src=last, group=self.pg.pp)
         return {k: flat[i] for i, k in enumerate(names)}
 
     # ----- two-pass analytic schedule (GIFT) -----------------------------------------------------
@@ -249,11 +255,13 @@ def _undo_cp_split(parts: List[Tensor], s: int) -> Tensor:
 
 
 def _mismatch_metrics(logp: Tensor, rollout: Tensor, mask: Tensor, cp_group) -> Dict[str, Tensor]:
-    """Train / rollout log-prob mismatch: mean |logp_train - logp_rollout| over response tokens, as (sum, count)."""
+    """Train / rollout log-prob mismatch |logp_train - logp_rollout| over response tokens: mean and max."""
     diff = (logp - rollout).abs() * mask
-    total, n = diff.sum(), mask.sum()
+    total, n, worst = diff.sum(), mask.sum(), diff.max()
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         pair = torch.stack([total, n])
         dist.all_reduce(pair, group=cp_group)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=cp_group)
         total, n = pair[0], pair[1]
-    return {"logprob_mismatch_mean": torch.stack([total, n]).float()}
+    return {"logprob_mismatch_mean": torch.stack([total, n]).float(),
+            "logprob_mismatch_max": torch.stack([worst, torch.ones_like(worst)]).float()}

@@ -69,3 +69,11 @@ def test_bad_groups_are_named():
     groups[1].rewards = torch.rand(2)
     with pytest.raises(ValueError, match="group 11 has 3 responses but rewards of shape"):
         pack_microbatches(groups, num_microbatches=1)
+
+
+def test_metric_pairs_sum_and_max_metrics_take_the_maximum():
+    from megatron_gift.types import metric, reduce_metrics
+    parts = [{"loss": metric(torch.tensor(2.0), 4), "x_max": metric(torch.tensor(0.5), 1)},
+             {"loss": metric(torch.tensor(1.0), 2), "x_max": metric(torch.tensor(0.25), 1)}]
+    out = reduce_metrics(parts)
+    assert out["loss"].tolist() == [3.0, 6.0] and out["x_max"].tolist() == [0.5, 1.0]
