@@ -126,8 +126,10 @@ class ParallelConfig:
 class TrainerConfig:
     """The loop: steps, prompts per step (global), responses per prompt, microbatches, logging.
 
-    updates_per_rollout: optimizer steps per rollout batch (the GIFT recipe uses 4: 1024 prompts, 4 x 256).
-    anchor_refresh: for anchor `old`, recompute the anchor once per rollout batch (before its first update).
+    updates_per_rollout: optimizer steps per rollout batch (the GIFT recipe uses 4: 1024 prompts, 4 x 256);
+        with anchor `old` every update of a batch is anchored to the policy that generated it.
+    eval_every: greedy accuracy on `eval_data` before training, every this many steps and at the end (0: off);
+    eval_prompts: how many eval prompts (the first ones of the file).
     """
 
     run_dir: str = "runs/default"
@@ -139,7 +141,7 @@ class TrainerConfig:
     seed: int = 1234
     log_every: int = 1
     eval_every: int = 0
-    eval_prompts: int = 0
+    eval_prompts: int = 64
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",

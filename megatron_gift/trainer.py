@@ -47,6 +47,9 @@ class Trainer:
         self.dataset = build_prompt_dataset(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(self.dataset, seed=t.seed)
         self.rewards = build_rewards(cfg.rewards) if self.rt.is_leader else None
+        self.eval_set = None
+        if cfg.eval_data is not None and t.eval_every > 0:
+            self.eval_set = build_prompt_dataset(cfg.eval_data, self.tokenizer)
         self.loss = build_loss(cfg.loss.name, cfg.loss.options)
         self._build_models()
         self.engine = self._build_engine() if self.rt.is_leader else None
@@ -177,6 +180,17 @@ class Trainer:
                 for _ in stream:
                     pass
 
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy reward on the first eval prompts (replica 0's engine; the same on every replica)."""
+        if self.eval_set is None or not (self.rt.is_leader and self.rt.dp_rank == 0):
+            return {}
+        with self.timed("eval"):
+            records = [self.eval_set[i] for i in range(min(self.cfg.trainer.eval_prompts, len(self.eval_set)))]
+            outs = self.engine.greedy([r.prompt_ids for r in records], self.cfg.rollout.sampling.max_new_tokens)
+            scores = self.rewards.score([r.text for r in records], [self.tokenizer.decode(o) for o in outs],
+                                        [r.reward_metadata() for r in records]).total
+        return {"eval/reward_mean": sum(scores) / len(scores)}
+
     def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
         """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
 
@@ -234,13 +248,23 @@ class Trainer:
         total = self.cfg.trainer.steps
         self.say(f"[train] {total} steps, {self.cfg.trainer.prompts_per_step} prompts x "
                  f"{self.cfg.trainer.responses_per_prompt} responses, loss {self.cfg.loss.name}, world {self.rt.world_size}")
+        every = self.cfg.trainer.eval_every
+        if self.eval_set is not None and self.step == 0:
+            start = self.evaluate()
+            if start:
+                self.say(f"[eval] step 0 greedy reward {start['eval/reward_mean']:.3f}")
+                if self.metrics is not None:
+                    self.metrics.log(0, start)
         while self.step < total:
             values = self.train_step()
+            if self.eval_set is not None and (self.step % every == 0 or self.step == total):
+                values.update(self.evaluate())
             history.append(values)
             if self.metrics is not None:
                 self.metrics.log(self.step, values)
             if self.step % self.cfg.trainer.log_every == 0 or self.step == total:
-                self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f} "
+                ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
+                self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f}{ev} "
                          f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s "
                          + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
         return history

@@ -3,7 +3,7 @@
 Owns: sequence sums of token values, group means / unbiased standard deviations and z-scores, with
 the conventions of GIFT_SPEC.md (eps added to the std, groups of one response use mean 0 and std 1).
 Groups are addressed by a dense slot index [B] in 0..G-1 and a host int G, so every reduction is an
-index_add with a known output size: no Python loop over sequences and no .item().
+index_add with a known output size: no Python loop over sequences and no host sync.
 """
 from __future__ import annotations
 

