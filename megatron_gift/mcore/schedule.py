@@ -32,7 +32,6 @@ from megatron_gift.algo.packing import Microbatch
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
 from megatron_gift.types import LossInputs, Tensor, is_max_metric, reduce_metrics
 
-_SPLIT_KEYS = ("tokens", "position_ids", "targets", "mask", "anchor", "rollout")
 
 
 @dataclass
@@ -63,7 +62,7 @@ def _local_view(mb: Microbatch, cp_group) -> Dict[str, Tensor]:
     """This CP rank's slice (2*cp load-balanced chunks along the sequence) of the microbatch tensors."""
     li = mb.loss_inputs
     batch = {"tokens": mb.tokens, "position_ids": mb.position_ids, "targets": mb.targets, "mask": li.mask,
-             "anchor": li.anchor_logprobs, "rollout": mb.rollout_logprobs}
+             "anchor": li.anchor_logprobs, "rollout": mb.rollout_logprobs, "ref": li.ref_logprobs}
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         batch = get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
     return batch

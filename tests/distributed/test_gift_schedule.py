@@ -22,6 +22,7 @@ CASES = {  # name -> (loss, options, schedule mode)
     "gift_full": ("gift", {"grad_mode": "full", "beta": 0.5}, "single_pass"),
     "gift_two_pass": ("gift", {"grad_mode": "full", "beta": 0.5}, "two_pass"),
     "grpo": ("grpo", {"clip_low": 0.2, "clip_high": 0.28}, "single_pass"),
+    "grpo_kl": ("grpo", {"kl_coef": 0.05}, "single_pass"),
 }
 
 
@@ -66,6 +67,7 @@ def _step(rank: int, world_size: int, groups, num_microbatches: int, cases: List
         mbs = pack_microbatches(mine, num_microbatches=num_microbatches, uniform_length=True)
         for mb in mbs:
             mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
+            mb.loss_inputs.ref_logprobs = (mb.rollout_logprobs - 0.3) * mb.loss_inputs.mask
         schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=VOCAB, mode=mode), pg)
         metrics = schedule.forward_backward(mbs)
         out[case] = {"grads": {_global_name(model, n): (_tp_dim(p), p.main_grad.detach().clone())
