@@ -76,12 +76,6 @@ def _groups(p):
     return out
 
 
-def _to(mb, device):
-    mb.tokens, mb.position_ids, mb.targets = (t.to(device) for t in (mb.tokens, mb.position_ids, mb.targets))
-    mb.loss_inputs = mb.loss_inputs.to(device)
-    return mb
-
-
 def _lm_step(ddp, mbs, vocab):
     """Baseline: Megatron fwd/bwd of a masked mean token cross-entropy, same schedule and grad finalisation."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -138,7 +132,7 @@ def main(argv=None):
         ddp = wrap_for_training([model], settings)
         build_optimizer(ddp, settings)
         device = torch.device("cuda" if cuda else "cpu")
-        mbs = [_to(mb, device) for mb in pack_microbatches(_groups(p), num_microbatches=args.microbatches,
+        mbs = [mb.to(device) for mb in pack_microbatches(_groups(p), num_microbatches=args.microbatches,
                                                            uniform_length=True)]
         for mb in mbs:  # synthetic anchor so h has a spread (the anchor pass is timed separately)
             mb.loss_inputs.anchor_logprobs = -torch.rand_like(mb.loss_inputs.mask) * mb.loss_inputs.mask

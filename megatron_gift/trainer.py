@@ -154,7 +154,7 @@ class Trainer:
                                 pad_id=self.tokenizer.pad_token_id or 0)
         for mb in mbs:
             check_loss_inputs(mb.loss_inputs, expected_sizes=mb.group_sizes)
-            _to_device(mb, self.rt.device)
+            mb.to(self.rt.device)
         return mbs
 
     def anchor(self, mbs) -> None:
@@ -284,12 +284,3 @@ def _megatron_greedy(model, prompt, steps: int, vocab: int, device) -> list:
         logits = model(ids, torch.arange(len(tokens), device=device)[None], None)
         tokens.append(int(logits[0, -1, :vocab].argmax()))
     return tokens[len(prompt):]
-
-
-def _to_device(mb, device) -> None:
-    if device.type == "cpu":
-        return
-    mb.tokens, mb.position_ids, mb.targets = (x.to(device) for x in (mb.tokens, mb.position_ids, mb.targets))
-    mb.loss_inputs = mb.loss_inputs.to(device)
-    if mb.rollout_logprobs is not None:
-        mb.rollout_logprobs = mb.rollout_logprobs.to(device)

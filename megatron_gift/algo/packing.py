@@ -66,6 +66,16 @@ class Microbatch:
     def shape(self) -> tuple:
         return tuple(self.tokens.shape)
 
+    def to(self, device) -> "Microbatch":
+        """Move every tensor (tokens, targets, loss inputs, rollout log-probs) to `device` in place; returns self."""
+        self.tokens = self.tokens.to(device)
+        self.position_ids = self.position_ids.to(device)
+        self.targets = self.targets.to(device)
+        self.loss_inputs = self.loss_inputs.to(device)
+        if self.rollout_logprobs is not None:
+            self.rollout_logprobs = self.rollout_logprobs.to(device)
+        return self
+
 
 def shard_groups(groups: Sequence[RolloutGroup], dp_size: int, dp_rank: int) -> List[RolloutGroup]:
     """Contiguous, equal share of the groups for one data-parallel rank."""

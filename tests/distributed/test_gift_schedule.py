@@ -14,7 +14,7 @@ import torch
 
 from megatron_gift.algo.packing import RolloutGroup
 from megatron_gift.mcore.harness import run_distributed
-from tests.distributed.test_smoke_parallel import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
+from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
 
 ATOL, RTOL = 2e-5, 1e-4
 CASES = {  # name -> (loss, options, schedule mode)

@@ -7,7 +7,7 @@ import torch
 
 from megatron_gift.mcore.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
-from tests.distributed.test_smoke_parallel import VOCAB, _build_model, _config
+from tests.distributed.tiny_gpt import VOCAB, _build_model, _config
 
 
 def _train(rank, world_size, groups, steps, loss_options):

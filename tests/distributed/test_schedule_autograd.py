@@ -6,7 +6,7 @@ import torch
 
 from megatron_gift.mcore.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
-from tests.distributed.test_smoke_parallel import VOCAB, _build_model, _config
+from tests.distributed.tiny_gpt import VOCAB, _build_model, _config
 
 
 def schedule_vs_autograd(rank, world_size, device="cpu"):
@@ -25,9 +25,7 @@ def schedule_vs_autograd(rank, world_size, device="cpu"):
     pg = ProcessGroupCollection.use_mpu_process_groups()
     mbs = pack_microbatches(make_groups(seed=5), num_microbatches=2, uniform_length=True)
     for mb in mbs:
-        mb.tokens, mb.position_ids, mb.targets = (t.to(device) for t in (mb.tokens, mb.position_ids, mb.targets))
-        mb.loss_inputs = mb.loss_inputs.to(device)
-        mb.rollout_logprobs = mb.rollout_logprobs.to(device)
+        mb.to(device)
         mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
     worst = 0.0
     for name, options in (("gift", {"grad_mode": "detached"}), ("gift", {"grad_mode": "full"}), ("grpo", {})):
