@@ -1,0 +1,58 @@
+"""Parameter counts of a Llama-family decoder (HFArch) as Megatron lays it out over TP and PP.
+
+Owns the arithmetic only: how many parameters one GPU holds for a pipeline stage at a tensor-parallel
+size, counted the way Megatron's GPTModel shards them (column / row parallel linears and the
+vocab-parallel embedding and output layer split over TP; norms replicated; the padded vocabulary).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_gift.checkpoint.hf_arch import HFArch
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters on one GPU of one pipeline stage (TP rank's shard)."""
+
+    layers: int  # decoder layers on this stage (all virtual chunks together)
+    decoder: int
+    embedding: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.decoder + self.embedding + self.output
+
+
+def layer_params(arch: HFArch, tp: int = 1) -> int:
+    """One decoder layer on one TP rank: QKV, attention output, gate+up, down (split over TP), two RMSNorms."""
+    q = arch.num_heads * arch.head_dim
+    kv = arch.num_kv_heads * arch.head_dim
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    sharded = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
+    if arch.qkv_bias:
+        sharded += q + 2 * kv
+    replicated = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
+    return sharded // tp + replicated
+
+
+def total_params(arch: HFArch, vocab_multiple: int) -> int:
+    """The whole model at TP = 1 with Megatron's padded vocabulary (one output layer unless tied)."""
+    vocab = arch.padded_vocab_size(vocab_multiple) * arch.hidden_size
+    return arch.num_layers * layer_params(arch) + arch.hidden_size + vocab * (1 if arch.tie_embeddings else 2)
+
+
+def stage_params(arch: HFArch, tp: int, pp: int, stage: int, vocab_multiple: int) -> StageParams:
+    """What one GPU of pipeline stage `stage` (0-based) holds. With tied embeddings and pp > 1 the last
+    stage keeps its own copy of the output layer (Megatron synchronises it with the embedding)."""
+    layers = arch.num_layers // pp
+    vocab_shard = arch.padded_vocab_size(vocab_multiple) // tp * arch.hidden_size
+    first, last = stage == 0, stage == pp - 1
+    embedding = vocab_shard if first else 0
+    output = 0
+    if last:
+        output = arch.hidden_size  # final norm
+        if not arch.tie_embeddings or pp > 1:
+            output += vocab_shard
+    return StageParams(layers=layers, decoder=layers * layer_params(arch, tp), embedding=embedding, output=output)
