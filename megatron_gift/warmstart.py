@@ -82,8 +82,35 @@ def make_warmstart_model(cfg, data: PromptDataConfig, tokenizer_dir: str, out_di
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.hf.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"steps": cfg.steps, "final_sft_loss": float(loss), "seconds":
+    (tmp / MARKER).write_text(json.dumps({"steps": cfg.steps, "final_sft_loss": float(loss.detach()), "seconds":
                                           time.perf_counter() - start}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return str(out)
+
+
+def prepare_demo_inputs(run_cfg, run_dir: str, log: Optional[Callable[[str], None]] = print) -> None:
+    """Make (or reuse) the demo's generated task and warm-start model in run_dir; point run_cfg at them.
+
+    One process only (the trainer calls it on rank 0 and then `point_at_demo_inputs` on the others).
+    """
+    from megatron_gift.data import make_arithmetic_dataset
+    from megatron_gift.data.builtin import builtin_arithmetic_paths
+
+    ws = run_cfg.warmstart
+    if ws.task_max_operand > 0:
+        make_arithmetic_dataset(str(Path(run_dir) / "data"), ws.task_n_train, ws.task_n_eval, seed=ws.seed,
+                                max_operand=ws.task_max_operand)
+    point_at_demo_inputs(run_cfg, run_dir)
+    make_warmstart_model(ws, run_cfg.data, builtin_arithmetic_paths()["tokenizer"], run_cfg.model.hf_dir, log=log)
+
+
+def point_at_demo_inputs(run_cfg, run_dir: str) -> None:
+    """Set model.hf_dir (and the generated task's data paths, when the task is generated) to run_dir's copies."""
+    if run_cfg.warmstart is None:
+        raise ValueError("model.hf_dir is empty and there is no warmstart section: name a HF checkpoint")
+    if run_cfg.warmstart.task_max_operand > 0:
+        run_cfg.data.path = str(Path(run_dir) / "data" / "train.jsonl")
+        if run_cfg.eval_data is not None:
+            run_cfg.eval_data.path = str(Path(run_dir) / "data" / "eval.jsonl")
+    run_cfg.model.hf_dir = str(Path(run_dir) / "warmstart")
