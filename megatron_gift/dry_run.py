@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from megatron_gift.launch.layout import LayoutReport, check_layout
 from megatron_gift.launch.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
                                          estimate_vllm)
 from megatron_gift.launch.model_size import total_params
@@ -55,7 +54,7 @@ def _gib(x: float) -> str:
     return f"{x / GIB:8.2f}"
 
 
-def describe(cfg, arch, arch_path: str, rep: LayoutReport, args) -> List[str]:
+def describe(cfg, arch, arch_path: str, rep, args) -> List[str]:
     par, t, plan = cfg.parallel, cfg.trainer, rep.plan
     vm = cfg.model.vocab_multiple
     mp = par.tp * par.pp * par.cp
@@ -124,6 +123,7 @@ def run(args: argparse.Namespace, out=print) -> int:
     with warnings.catch_warnings():  # megatron-core's "TE / apex not installed" import notes are noise here
         warnings.simplefilter("ignore")
         from megatron_gift.checkpoint.hf_arch import load_hf_arch
+        from megatron_gift.launch.layout import check_layout
         from megatron_gift.run_config import load_run_config
     try:
         cfg = load_run_config(args.config, args.overrides)

@@ -1,4 +1,5 @@
-"""A training-like worker for the fault-tolerance tests: `ft_worker.py MODE OUT_DIR STEPS` under ft_launcher.
+"""A training-like worker for the fault-tolerance tests: `ft_worker.py MODE OUT_DIR STEPS [TRAINER ARGS]` under
+ft_launcher (trainer arguments, as slurm/gift_job.sh passes them, are ignored except trainer.save_dir).
 
 Every step all-reduces a gradient over gloo, takes an SGD step and sends a heartbeat through
 megatron_gift.fault_tolerance; rank 0 then saves {step, weight} atomically to OUT_DIR/ckpt.pt, which every
@@ -8,8 +9,10 @@ On the first attempt only (TORCHELASTIC_RESTART_COUNT == 0) MODE injects a fault
   hang      rank 1 stops heartbeating (sleeps), so rank 0 blocks in the next all-reduce;
   die       rank 1 exits with code 3;
   stop      every rank asks the launcher not to restart (request_shutdown) and exits with code 75;
-  signal    every rank waits for SIGUSR1 (sent to ft_launcher), then records it and exits with code 75;
   none      no fault.
+In mode none a stop signal (SIGTERM / SIGUSR1, as the launcher forwards it) ends the current step; then rank 0
+writes the requeue file into trainer.save_dir (the trainer's protocol, megatron_gift/resilience.py), every rank
+records {"event": SIGNAME} and exits with the requeue code 75.
 """
 import json
 import os
@@ -27,9 +30,12 @@ FAULT_STEP = 2
 
 def main() -> int:
     mode, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    save_dir = next((a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("trainer.save_dir=")), out_dir)
     rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     got_signal = []
-    signal.signal(signal.SIGUSR1, lambda signum, frame: got_signal.append(signum))
+    if mode == "none":  # the other modes keep the default SIGTERM, which the launcher uses to stop workers
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: got_signal.append(signal.Signals(signum).name))
     dist.init_process_group("gloo")
     ft = FaultTolerance.start(log=lambda msg: print(f"[rank {rank} restart {restart}] {msg}", flush=True))
     ckpt = os.path.join(out_dir, "ckpt.pt")
@@ -50,13 +56,6 @@ def main() -> int:
                 log.write(json.dumps({"restart": restart, "step": step, "event": "stop"}) + "\n")
                 log.close()
                 return 75
-            if mode == "signal":
-                while not got_signal:
-                    ft.heartbeat()
-                    time.sleep(0.1)
-                log.write(json.dumps({"restart": restart, "step": step, "event": "SIGUSR1"}) + "\n")
-                log.close()
-                return 75
         ft.heartbeat()
         if rank == 0:
             torch.save({"step": step, "weight": weight.clone()}, ckpt + ".tmp")
@@ -64,6 +63,13 @@ def main() -> int:
         log.write(json.dumps({"restart": restart, "step": step, "active": ft.active,
                               "weight": weight[0].item()}) + "\n")
         log.flush()
+        if got_signal:
+            if rank == 0:
+                with open(os.path.join(save_dir, "requeue_request.json"), "w") as f:
+                    json.dump({"step": step, "reason": got_signal[0]}, f)
+            log.write(json.dumps({"restart": restart, "step": step, "event": got_signal[0]}) + "\n")
+            log.close()
+            return 75
         time.sleep(0.2)
     log.close()
     ft.close()
