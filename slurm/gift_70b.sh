@@ -23,6 +23,9 @@ GIFT_SIZE=70B
 # sbatch runs a spooled copy of this file: find the repository from the submit directory (or GIFT_REPO).
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then REPO="${GIFT_REPO:-$SLURM_SUBMIT_DIR}"
 else REPO="${GIFT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"; fi
-[[ -f "$REPO/slurm/gift_job.sh" ]] || { echo "no slurm/gift_job.sh under '$REPO': submit from the repository root or set GIFT_REPO" >&2; exit 1; }
+if [[ ! -f "$REPO/slurm/gift_job.sh" ]]; then
+    echo "no slurm/gift_job.sh under '$REPO': submit from the repository root or set GIFT_REPO" >&2
+    exit 1
+fi
 # shellcheck source=slurm/gift_job.sh
 source "$REPO/slurm/gift_job.sh"

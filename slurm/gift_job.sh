@@ -68,7 +68,7 @@ try:
     from megatron_gift.resilience import REQUEUE_EXIT_CODE, REQUEUE_FILE
     print(REQUEUE_EXIT_CODE, REQUEUE_FILE)
 except ImportError:
-    print("- -")' 2> /dev/null)" || die "cannot import megatron_gift with $PYTHON${CONTAINER_IMAGE:+ in $CONTAINER_IMAGE}"
+    print("- -")' 2> /dev/null)" || die "cannot import megatron_gift with $PYTHON${CONTAINER_IMAGE:+ (container)}"
     read -r HAS_RECOMPUTE_KEY REQUEUE_EXIT_CODE REQUEUE_FILE <<< "$out"
     if [[ "$REQUEUE_EXIT_CODE" == - ]]; then
         echo "[gift] megatron_gift.resilience not importable: requeue code $REQUEUE_EXIT_CODE_FALLBACK," \
@@ -94,6 +94,7 @@ train_args=("$GIFT_RECIPE" --resume auto
             --set "model.hf_dir=$HF_DIR" --set "model.mcore_dir=$MCORE_DIR"
             --set "data.path=$TRAIN_DATA" --set "eval_data.path=$EVAL_DATA"
             --set "trainer.run_dir=$RUN_DIR" --set "trainer.save_dir=$SAVE_DIR"
+            --set "trainer.save_every=$SAVE_EVERY"
             "${recompute_sets[@]}" "${EXTRA_SETS[@]}")
 convert_cmd=("$PYTHON" tools/convert_hf_to_mcore.py --hf-dir "$HF_DIR" --out "$MCORE_DIR" --dtype bfloat16)
 
@@ -118,7 +119,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     exit "$rc"
 fi
 
-[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a Slurm job: submit with sbatch (see slurm/cluster.env), or use --dry-run"
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a Slurm job: submit with sbatch (slurm/cluster.env), or use --dry-run"
 mkdir -p "$RUN_DIR" "$SAVE_DIR" || die "cannot create $RUN_DIR"
 echo "[gift] job $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $GIFT_RECIPE"
 if [[ ${#recompute_what_if[@]} -gt 0 ]]; then
