@@ -102,7 +102,9 @@ def prepare_demo_inputs(run_cfg, run_dir: str, log: Optional[Callable[[str], Non
         make_arithmetic_dataset(str(Path(run_dir) / "data"), ws.task_n_train, ws.task_n_eval, seed=ws.seed,
                                 max_operand=ws.task_max_operand)
     point_at_demo_inputs(run_cfg, run_dir)
-    make_warmstart_model(ws, run_cfg.data, builtin_arithmetic_paths()["tokenizer"], run_cfg.model.hf_dir, log=log)
+    # The supervised warm start sees every prompt of the file, also when RL samples only its first max_prompts.
+    sft_data = dataclasses.replace(run_cfg.data, max_prompts=0)
+    make_warmstart_model(ws, sft_data, builtin_arithmetic_paths()["tokenizer"], run_cfg.model.hf_dir, log=log)
 
 
 def point_at_demo_inputs(run_cfg, run_dir: str) -> None:

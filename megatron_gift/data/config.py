@@ -28,6 +28,7 @@ class PromptDataConfig:
     system_prompt     optional system message (only with apply_chat_template).
     on_bad_row        "error": stop at the first malformed row; "skip": drop it and count it.
     split             the split to take when `path` holds a DatasetDict directory.
+    max_prompts       keep only the first this many usable prompts (0: all), e.g. a small RL prompt pool.
     """
 
     path: str
@@ -40,6 +41,7 @@ class PromptDataConfig:
     system_prompt: Optional[str] = None
     on_bad_row: str = "error"
     split: str = "train"
+    max_prompts: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -69,6 +71,8 @@ class PromptDataConfig:
         if not isinstance(self.apply_chat_template, bool):
             raise ValueError(f"prompt data config: 'apply_chat_template' must be true/false, "
                              f"got {self.apply_chat_template!r}")
+        if isinstance(self.max_prompts, bool) or not isinstance(self.max_prompts, int) or self.max_prompts < 0:
+            raise ValueError(f"prompt data config: 'max_prompts' must be an int >= 0, got {self.max_prompts!r}")
         if self.system_prompt is not None and not self.apply_chat_template:
             raise ValueError("prompt data config: 'system_prompt' needs 'apply_chat_template: true'")
 

@@ -94,6 +94,8 @@ def build_prompt_dataset(config: PromptDataConfig, tokenizer: PromptTokenizer) -
             stats.too_long += 1
             continue
         records.append(PromptRecord(item.index, item.text, ids, item.answer, item.metadata))
+        if len(records) == config.max_prompts:
+            break
     stats.rows_kept = len(records)
     if stats.too_long:
         logger.warning("%s: dropped %d prompts longer than max_prompt_tokens=%d", config.path, stats.too_long,

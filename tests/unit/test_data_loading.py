@@ -143,6 +143,16 @@ def test_long_prompts_are_filtered_and_counted(tmp_path, tok):
         build_prompt_dataset(config(write_jsonl(tmp_path / "p.jsonl", rows), max_prompt_tokens=2), tok)
 
 
+def test_max_prompts_keeps_the_first_usable_ones(tmp_path, tok):
+    rows = [{"question": "x" * n, "solution": "1", "source": "s", "level": 0} for n in (5, 30, 10, 11, 7, 3)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    ds = build_prompt_dataset(config(path, max_prompt_tokens=10, max_prompts=3), tok)
+    assert [r.index for r in ds] == [0, 2, 4]  # long rows 1 and 3 are filtered before counting
+    assert [r.index for r in build_prompt_dataset(config(path, max_prompt_tokens=10), tok)] == [0, 2, 4, 5]
+    with pytest.raises(ValueError, match="'max_prompts' must be an int >= 0"):
+        config(path, max_prompts=-1)
+
+
 def test_numbers_as_answers_become_text(tmp_path, tok):
     rows = [{"question": "Q?", "solution": 42, "source": "s", "level": 0}]
     ds = build_prompt_dataset(config(write_jsonl(tmp_path / "p.jsonl", rows)), tok)
