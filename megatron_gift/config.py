@@ -130,6 +130,13 @@ class TrainerConfig:
         with anchor `old` every update of a batch is anchored to the policy that generated it.
     eval_every: greedy accuracy on `eval_data` before training, every this many steps and at the end (0: off);
     eval_prompts: how many eval prompts (the first ones of the file).
+
+    Long runs (checkpoint/manager.py, resilience.py):
+    save_dir: where checkpoints go ("" = RUN_DIR/checkpoints); save_every: a checkpoint every this many
+        steps and at the end (0: only when a stop is requested); keep_last: complete checkpoints kept;
+    resume: "auto" (newest complete checkpoint in save_dir, else a fresh start), "none", or a checkpoint path;
+    time_budget_s: stop (save, exit with the requeue code) before this many seconds of wall time (0: off);
+    async_save: write checkpoints in a background process (Megatron's async dist checkpointing).
     """
 
     run_dir: str = "runs/default"
@@ -142,13 +149,32 @@ class TrainerConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_prompts: int = 64
+    save_dir: str = ""
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str = "auto"
+    time_budget_s: float = 0.0
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",
-                     "log_every"):
+                     "log_every", "keep_last"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"trainer.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
+            raise ValueError(f"trainer.save_every must be an int >= 0 (0: save only on stop requests), "
+                             f"got {self.save_every!r}")
+        if not isinstance(self.time_budget_s, (int, float)) or self.time_budget_s < 0:
+            raise ValueError(f"trainer.time_budget_s must be a number >= 0 (0: no budget), got {self.time_budget_s!r}")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"trainer.resume must be 'auto', 'none' or a checkpoint path, got {self.resume!r}")
+        if not isinstance(self.async_save, bool):
+            raise ValueError(f"trainer.async_save must be true or false, got {self.async_save!r}")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.save_dir or str(Path(self.run_dir) / "checkpoints")
         if self.prompts_per_step % self.updates_per_rollout:
             raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
                              f"trainer.updates_per_rollout={self.updates_per_rollout}")
