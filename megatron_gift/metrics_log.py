@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
 
 class MetricsLog:
+    """resume_step None: a fresh run (an existing metrics.jsonl is kept aside as metrics.jsonl.prev-<time>,
+    never overwritten). An int: a resumed run; the history is the rows up to that step, taken from
+    `history` (the checkpoint's copy) when given, else from the existing file; later rows are dropped
+    (the resumed run recomputes them)."""
+
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, wandb_project: Optional[str] = None,
-                 resume_step: int = 0):
+                 resume_step: Optional[int] = None, history: Optional[str | Path] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._trim(resume_step)
+        if resume_step is None:
+            self._set_aside()
+        else:
+            self._trim(resume_step, Path(history) if history else self.path)
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = self._wandb = None
         if tensorboard:
@@ -29,12 +38,18 @@ class MetricsLog:
             import wandb  # asked for explicitly: a missing package is an error, not a silent skip
             self._wandb = wandb.init(project=wandb_project, dir=str(run_dir))
 
-    def _trim(self, resume_step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be recomputed)."""
-        if not self.path.exists():
+    def _set_aside(self) -> None:
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self.path.replace(self.path.with_name(f"{self.path.name}.prev-{int(time.time())}"))
+
+    def _trim(self, resume_step: int, source: Path) -> None:
+        """Rows of steps <= resume_step from `source`, written atomically to metrics.jsonl."""
+        if not source.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in source.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(self.path)
 
     def log(self, step: int, values: Dict[str, float]) -> None:
         clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in values.items()}

@@ -1,6 +1,9 @@
 """Command-line entry: `python -m megatron_gift.train CONFIG.yaml [--set key=value ...]` (or `megatron-gift-train`).
 
 Runs under torchrun for several ranks (gloo on CPU, NCCL on GPU) or as a single process.
+`--resume auto|none|PATH` (= --set trainer.resume=...) picks the checkpoint to continue from. Exit codes:
+0 done, REQUEUE_EXIT_CODE (75, megatron_gift/resilience.py) stopped on a signal or the wall-clock budget
+after saving a checkpoint (requeue the job), anything else a failure.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("config", help="run config YAML (see examples/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set trainer.steps=3 (repeatable)")
+    ap.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                    help="checkpoint to resume from: auto (newest complete in the save dir; the default), "
+                         "none (fresh start) or a checkpoint directory")
     ap.add_argument("--plot", action="store_true", help="draw reward and loss curves to RUN_DIR/curves.png at the end")
     return ap.parse_args(argv)
 
@@ -23,15 +29,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megatron_gift.resilience import REQUEUE_EXIT_CODE
     from megatron_gift.run_config import load_run_config
     from megatron_gift.trainer import Trainer
 
-    cfg = load_run_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"trainer.resume={args.resume}"] if args.resume is not None else [])
+    cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
         trainer.run()
     finally:
         trainer.close()
+    if trainer.requeue_requested:
+        return REQUEUE_EXIT_CODE
     if args.plot and int(os.environ.get("RANK", 0)) == 0:
         from tools.plot_metrics import plot_runs
         out = plot_runs([cfg.trainer.run_dir], os.path.join(cfg.trainer.run_dir, "curves.png"))

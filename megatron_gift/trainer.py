@@ -4,10 +4,19 @@ Owns the order of a step (DESIGN.md "One training step"): sample prompts -> gene
 prompt (replica leader's rollout engine) -> score -> pack whole groups -> anchor log-probs -> GIFT (or
 GRPO) forward-backward and optimizer step -> push weights to the engine -> log. Each data-parallel
 replica samples the same global prompt batch from the same sampler state and keeps its own share, so
-the sampler position is identical on every rank. Checkpointing and resume belong to the long-run issue.
+the sampler position is identical on every rank.
+
+Long runs: a checkpoint every `trainer.save_every` steps, at the end and when a stop is requested (signal
+or wall-clock budget, agreed by all ranks after each step, resilience.py); `trainer.resume` picks what to
+start from (checkpoint/manager.py). A checkpoint holds what makes the continuation bitwise identical on
+CPU: weights, optimizer, LR schedule, sampler position, step, every rank's RNG states and the metrics
+history. Rollout seeds are a function of (seed, step, prompt id), so the engine needs only the weights,
+pushed to it right after loading.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,15 +27,18 @@ import torch.distributed as dist
 
 from megatron_gift.algo import build_loss, check_loss_inputs
 from megatron_gift.algo.packing import RolloutGroup, pack_microbatches, shard_groups
+from megatron_gift.checkpoint import manager as ckpt_files
 from megatron_gift.checkpoint.hf_arch import load_hf_arch
-from megatron_gift.config import write_resolved
+from megatron_gift.config import to_plain, write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
+from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
 from megatron_gift.mcore.precision import check_fp8_supported, transformer_precision_kwargs
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
 from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_model
 from megatron_gift.metrics_log import MetricsLog
+from megatron_gift.resilience import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
 from megatron_gift.run_config import RunConfig
 
@@ -42,7 +54,16 @@ class Trainer:
         cfg.check_world(self.rt.world_size)
         check_fp8_supported(cfg.precision)
         self.timers: Dict[str, float] = {}
+        self.stop = StopRequest(t.time_budget_s)
+        self.stop_reason = None
+        self.checkpoints = ckpt_files.CheckpointManager(t.checkpoint_dir, t.keep_last, log=self.say)
+        self.resume_from = self.checkpoints.select(t.resume)
         self._prepare_model_dir()
+        self.arch = load_hf_arch(Path(cfg.model.hf_dir) / "config.json")
+        self.loss = build_loss(cfg.loss.name, cfg.loss.options)
+        if self.resume_from is not None:  # before building anything: another model is a clear error, early
+            ckpt_files.check_compatible(ckpt_files.read_metadata(self.resume_from)["fingerprint"],
+                                        self.fingerprint(), self.resume_from)
         self.tokenizer = load_tokenizer(cfg.model.hf_dir)
         self.dataset = build_prompt_dataset(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(self.dataset, seed=t.seed)
@@ -50,12 +71,16 @@ class Trainer:
         self.eval_set = None
         if cfg.eval_data is not None and t.eval_every > 0:
             self.eval_set = build_prompt_dataset(cfg.eval_data, self.tokenizer)
-        self.loss = build_loss(cfg.loss.name, cfg.loss.options)
         self._build_models()
         self.engine = self._build_engine() if self.rt.is_leader else None
-        self.metrics = MetricsLog(self.run_dir) if self.rt.is_logger else None
+        self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None
         self.step = 0
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        self.metrics = None
         if self.rt.is_logger:
+            history = self.resume_from / "metrics.jsonl" if self.resume_from is not None else None
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.step if history else None, history=history)
             write_resolved(cfg, self.run_dir / "config.resolved.yaml")
 
     # ----- set-up -----------------------------------------------------------------------------------
@@ -90,13 +115,16 @@ class Trainer:
 
     def _build_models(self) -> None:
         cfg = self.cfg
-        self.arch = load_hf_arch(Path(cfg.model.hf_dir) / "config.json")
         kwargs = dict(arch=self.arch, hf_dir=cfg.model.hf_dir, mcore_dir=cfg.model.mcore_dir,
                       dtype=cfg.precision.torch_dtype, vocab_multiple=cfg.model.vocab_multiple, device=self.rt.device)
         extra = {k: v for k, v in transformer_precision_kwargs(cfg.precision).items() if k.startswith("fp8")}
         if cfg.parallel.sequence_parallel:
             extra["sequence_parallel"] = True
-        policy = rt_mod.build_stage_model(**kwargs, **extra)
+        if self.resume_from is None:
+            policy = rt_mod.build_stage_model(**kwargs, **extra)
+        else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)
+            policy = dist_ckpt.build_stage_model_unloaded(self.arch, kwargs["dtype"], cfg.model.vocab_multiple,
+                                                          self.rt.device, perform_initialization=False, **extra)
         self.reference = None
         if self.loss.anchor == "ref" or getattr(self.loss, "needs_ref_logprobs", False):
             self.reference = rt_mod.build_stage_model(**kwargs, **extra).requires_grad_(False).eval()
@@ -209,6 +237,87 @@ class Trainer:
         model.train()
         return matches / len(prompts)
 
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def fingerprint(self) -> Dict[str, object]:
+        """Config items a checkpoint must agree with to be resumed by this run (the layout may differ)."""
+        a, cfg = self.arch, self.cfg
+        model = {k: getattr(a, k) for k in ("model_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads",
+                                            "num_kv_heads", "head_dim", "vocab_size", "tie_embeddings", "qkv_bias",
+                                            "qk_norm")}
+        model["padded_vocab_size"] = a.padded_vocab_size(cfg.model.vocab_multiple)
+        return {"model": model, "precision": {"dtype": cfg.precision.dtype},
+                "loss": {"name": cfg.loss.name, "anchor": getattr(self.loss, "anchor", None)},
+                "optim": {"use_distributed_optimizer": cfg.parallel.use_distributed_optimizer}}
+
+    def _layout(self) -> Dict[str, object]:
+        p = self.cfg.parallel
+        return {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": self.rt.dp}
+
+    def save_checkpoint(self) -> None:
+        """All ranks: write this step's checkpoint into a tmp dir; committed (marker + rename) when complete."""
+        start, step = time.perf_counter(), self.step
+        if self.async_saver is not None:
+            self.async_saver.poll(blocking=True)  # one save in flight at a time
+        tmp = self.checkpoints.begin(step)
+        rng_dir = tmp / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(dist_ckpt.capture_rng_state(), rng_dir / f"rank_{self.rt.rank:05d}.pt")
+        if self.rt.rank == 0:
+            (tmp / "model").mkdir()
+            meta = {"format_version": ckpt_files.FORMAT_VERSION, "step": step, "fingerprint": self.fingerprint(),
+                    "layout": self._layout(), "optimizer_sharding": dist_ckpt.OPTIM_SHARDING,
+                    "config": to_plain(self.cfg)}
+            (tmp / ckpt_files.METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            if self.metrics is not None and self.metrics.path.exists():
+                shutil.copyfile(self.metrics.path, tmp / "metrics.jsonl")
+        dist.barrier()
+        plain = {"gift": {"step": step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()}}
+        request = dist_ckpt.save_training_state(self.model, self.optimizer, plain, tmp / "model",
+                                                async_save=self.async_saver is not None)
+        if request is None:
+            self.checkpoints.commit(tmp, step)
+        else:
+            self.async_saver.submit(request, lambda: self.checkpoints.commit(tmp, step))
+        seconds = time.perf_counter() - start
+        self.stop.note_save(seconds)
+        self.say(f"[checkpoint] step {step} " + (f"saved in {seconds:.2f}s" if request is None
+                                                  else f"handed to the async writer in {seconds:.2f}s"))
+
+    def load_checkpoint(self, path: Path) -> None:
+        """All ranks: weights, optimizer, schedule, sampler, step (any layout); RNG states when the layout is
+        the one saved; then the engine gets the loaded weights."""
+        start = time.perf_counter()
+        plain = dist_ckpt.load_training_state(self.model, self.optimizer, path / "model")["gift"]
+        self.scheduler.load_state_dict(plain["scheduler"])
+        self.sampler.load_state_dict(plain["sampler"])
+        self.step = int(plain["step"])
+        self.sync_weights()
+        saved_layout = ckpt_files.read_metadata(path)["layout"]
+        if saved_layout == self._layout():
+            dist_ckpt.restore_rng_state(torch.load(path / "rng" / f"rank_{self.rt.rank:05d}.pt", weights_only=False))
+            note = "RNG states restored"
+        else:
+            note = f"layout changed from {saved_layout}: RNG states stay seeded from trainer.seed"
+        self.say(f"[checkpoint] resumed from {path} at step {self.step} in {time.perf_counter() - start:.2f}s ({note})")
+
+    def _save_due(self) -> bool:
+        every, total = self.cfg.trainer.save_every, self.cfg.trainer.steps
+        return every > 0 and (self.step % every == 0 or self.step == total)
+
+    def _end_of_step(self, values: Dict[str, float]) -> None:
+        """Stop decision (one all-reduce over the world), then a checkpoint if due or a stop was agreed."""
+        self.stop.note_step(values["step_time_s"])
+        self.stop_reason = self.stop.agree(device=self.rt.device)
+        if self.stop_reason is not None or self._save_due():
+            self.save_checkpoint()
+        if self.async_saver is not None:
+            self.async_saver.poll(blocking=False)
+
+    @property
+    def requeue_requested(self) -> bool:
+        """A stop was agreed before the last step: the job should be requeued (train.py exits with the code)."""
+        return self.stop_reason is not None and self.step < self.cfg.trainer.steps
+
     # ----- the loop ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         self.timers, t0 = {}, time.perf_counter()
@@ -255,21 +364,47 @@ class Trainer:
                 self.say(f"[eval] step 0 greedy reward {start['eval/reward_mean']:.3f}")
                 if self.metrics is not None:
                     self.metrics.log(0, start)
-        while self.step < total:
-            values = self.train_step()
-            if self.eval_set is not None and (self.step % every == 0 or self.step == total):
-                values.update(self.evaluate())
-            history.append(values)
-            if self.metrics is not None:
-                self.metrics.log(self.step, values)
-            if self.step % self.cfg.trainer.log_every == 0 or self.step == total:
-                ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
-                self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f}{ev} "
-                         f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s "
-                         + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
+        self._clear_requeue_file()
+        self.stop.install()
+        try:
+            while self.step < total and self.stop_reason is None:
+                values = self.train_step()
+                if self.eval_set is not None and (self.step % every == 0 or self.step == total):
+                    values.update(self.evaluate())
+                history.append(values)
+                if self.metrics is not None:
+                    self.metrics.log(self.step, values)
+                if self.step % self.cfg.trainer.log_every == 0 or self.step == total:
+                    self._log_step(values, total)
+                self._end_of_step(values)
+        finally:
+            self.stop.uninstall()
+        if self.async_saver is not None:
+            self.async_saver.poll(blocking=True)
+        if self.requeue_requested:
+            self._write_requeue_file()
         return history
 
+    def _log_step(self, values: Dict[str, float], total: int) -> None:
+        ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
+        self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f}{ev} "
+                 f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s "
+                 + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
+
+    def _clear_requeue_file(self) -> None:
+        path = Path(self.cfg.trainer.checkpoint_dir) / REQUEUE_FILE
+        if self.rt.rank == 0 and path.exists():
+            path.unlink()
+
+    def _write_requeue_file(self) -> None:
+        if self.rt.rank == 0:
+            self.say(f"[train] stopped after step {self.step} ({self.stop_reason}): checkpoint saved, requeue")
+            (Path(self.cfg.trainer.checkpoint_dir) / REQUEUE_FILE).write_text(
+                json.dumps({"step": self.step, "reason": self.stop_reason, "time": time.time()}))
+
     def close(self) -> None:
+        if self.async_saver is not None and self.async_saver.pending == 0:
+            self.async_saver.close()  # with a save still pending (an error path) waiting could hang: leave it
         if self.metrics is not None:
             self.metrics.close()
         if self.engine is not None:
