@@ -172,6 +172,18 @@ _SPECIAL = {
 }
 
 
+def _checkpoint_under_mode(function: Any, distribute_saved_activations: bool, *args: Any) -> Any:
+    """tensor_parallel.checkpoint whose recomputation (run by autograd in the backward pass, where the
+    thread's torch function mode is not active) also maps CUDA devices to the CPU."""
+    from megatron.core.tensor_parallel.random import checkpoint
+
+    def run(*inner: Any) -> Any:
+        with CudaToCpuMode():
+            return function(*inner)
+
+    return checkpoint(run, distribute_saved_activations, *args)
+
+
 # ----------------------------------------------------------------------------- the patch table
 @dataclass(frozen=True)
 class Patch:
@@ -215,6 +227,10 @@ PATCHES: Tuple[Patch, ...] = (
     Patch(_RNG, "_get_cuda_rng_state", _cpu_get_rng_state,
           "tensor_parallel/random.py _get_cuda_rng_state, used by CudaRNGStatesTracker.fork and "
           "CheckpointFunction (reads torch.cuda.random.get_rng_state, needs CUDA)"),
+    Patch("megatron.core.tensor_parallel", "checkpoint", _checkpoint_under_mode,
+          "activation recompute (recompute_granularity full / selective): transformer/transformer_block.py "
+          "_checkpointed_forward, attention.py _checkpointed_attention_forward, transformer_layer.py; the "
+          "backward re-runs the forward (get_default_causal_mask device='cuda') outside the function mode"),
     Patch(_RNG, "_set_cuda_rng_state", _cpu_set_rng_state,
           "tensor_parallel/random.py _set_cuda_rng_state, used by fork / CheckpointFunction "
           "(torch.cuda._lazy_call: silently never runs without CUDA)"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import fields
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,22 @@ from megatron.core.transformer import TransformerConfig
 from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# parallel.recompute -> TransformerConfig fields. "full": every layer keeps only its input and recomputes
+# the rest in the backward pass; "selective": only the attention core (Megatron's "core_attn").
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+def recompute_kwargs(mode: str) -> Dict[str, Any]:
+    """TransformerConfig overrides for an activation-recompute mode (none, selective, full)."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"parallel.recompute is {mode!r}; valid: {', '.join(RECOMPUTE)}")
+    return dict(RECOMPUTE[mode])
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype:

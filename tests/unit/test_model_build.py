@@ -70,3 +70,36 @@ def test_tied_and_padded_model(parallel_state_1):
     untied = build_gpt_model(CONFIGS["mistral_untied"], vocab_multiple=64, perform_initialization=False)
     assert untied.output_layer.weight.shape == (256, 64) and untied.vocab_size == 256
     assert not te_available() or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_recompute_gives_the_same_gradients(parallel_state_1, mode):
+    """Recomputed activations (parallel.recompute) change memory, not numbers: logits and every gradient
+    equal the plain model's; an unknown mode is an error naming the key."""
+    from megatron_gift.mcore.cpu_compat import enable_cpu_compat
+    from megatron_gift.mcore.model import recompute_kwargs
+
+    with enable_cpu_compat():  # the recompute path uses Megatron's CUDA RNG tracker and a "cuda" mask
+        grads = _grads_with_and_without(recompute_kwargs(mode))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="parallel.recompute is 'some'"):
+        recompute_kwargs("some")
+
+
+def _grads_with_and_without(recompute: dict) -> list:
+    cfg = CONFIGS["llama3_scaled_untied"]
+    hf = make_tiny_model(cfg)
+    arch = parse_hf_config(cfg)
+    ids = tokens(arch.vocab_size, s=24)
+    grads = []
+    for kwargs in ({}, recompute):
+        model = build_gpt_model(cfg, dtype=torch.float32, **kwargs)
+        assert model.config.recompute_granularity == kwargs.get("recompute_granularity")
+        copy_hf_into_model(model, arch, hf.state_dict().__getitem__)
+        model.train()  # recompute only acts in training mode
+        logits = model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), None)
+        logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return grads
