@@ -33,9 +33,11 @@ VARIANTS: Dict[str, List[str]] = {
     "gift_old_full": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: full, anchor: old}"],
     "gift_ref": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: detached, anchor: ref}"],
     "gift_ref_full": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: full, anchor: ref}"],
-    "gift_old_b0.5": ["loss.name=gift", "loss.options={beta: 0.5, grad_mode: detached, anchor: old}"],
-    "gift_old_b2": ["loss.name=gift", "loss.options={beta: 2.0, grad_mode: detached, anchor: old}"],
+    "gift_ref_b0.5": ["loss.name=gift", "loss.options={beta: 0.5, grad_mode: detached, anchor: ref}"],
+    "gift_ref_b2": ["loss.name=gift", "loss.options={beta: 2.0, grad_mode: detached, anchor: ref}"],
 }
+# With anchor `old` and one update per rollout every log-ratio is 0 when the loss is taken, so beta only
+# scales the (clipped) gradient: the beta sweep is run with anchor `ref`, where it changes the fixed point.
 SMOOTH = 5  # steps in the moving average of the train reward
 
 

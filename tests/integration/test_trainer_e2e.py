@@ -29,6 +29,8 @@ def test_single_process_steps_and_weight_sync(tmp_path, loss):
     overrides = _common(tmp_path / "run") + [f"loss.name={loss}"]
     if loss == "grpo":
         overrides.append("loss.options={}")
+    else:  # the demo default is anchor `old`; `ref` here also covers the frozen reference model's path
+        overrides.append("loss.options.anchor=ref")
     trainer = Trainer(load_run_config("examples/tiny_cpu.yaml", overrides), log=lambda m: None)
     try:
         start = {n: p.detach().clone() for n, p in trainer.model[0].named_parameters()}
