@@ -95,7 +95,11 @@ def write_resolved(config: Any, path: str | Path) -> Path:
 
 @dataclass
 class ParallelConfig:
-    """Megatron parallel layout; dp is what remains of the world size."""
+    """Megatron parallel layout; dp is what remains of the world size.
+
+    recompute: activation recompute, "none", "selective" (attention core) or "full" (every layer keeps
+        only its input; what long sequences on big models need, see `python -m megatron_gift.dry_run`).
+    """
 
     tp: int = 1
     pp: int = 1
@@ -103,6 +107,7 @@ class ParallelConfig:
     cp: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -113,6 +118,8 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
         if self.vpp is not None and self.pp < 2:
             raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute is {self.recompute!r}; valid: none, selective, full")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp

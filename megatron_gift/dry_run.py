@@ -19,8 +19,7 @@ from megatron_gift.launch.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimat
 from megatron_gift.launch.model_size import total_params
 
 _KNOBS = {
-    "activations": "activation recompute (--recompute full shows its effect; the trainer has no recompute key "
-                   "yet), more trainer.microbatches (fewer groups each), parallel.cp, parallel.tp with "
+    "activations": "parallel.recompute: full (or selective), more trainer.microbatches (fewer groups each), parallel.cp, parallel.tp with "
                    "sequence_parallel, or shorter data.max_prompt_tokens / rollout.sampling.max_new_tokens",
     "logits + log-softmax": "more trainer.microbatches, parallel.tp or parallel.cp, or shorter sequences",
     "optimizer state": "parallel.use_distributed_optimizer, or more data-parallel ranks",
@@ -43,9 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="te: Transformer Engine spec with flash attention (cluster containers); local: "
                          "Megatron's local spec (no TE), which materialises the attention probabilities")
     ap.add_argument("--recompute", choices=RECOMPUTE, default=None,
-                    help="activation recompute to assume (default: the config's parallel.recompute where that key "
-                         "exists, else none). The run config has no such key yet and the trainer builds models "
-                         "without recompute, so 'full' is a what-if")
+                    help="activation recompute to assume instead of the config's parallel.recompute (a what-if)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return ap.parse_args(argv)
 
@@ -60,7 +57,7 @@ def describe(cfg, arch, arch_path: str, rep, args) -> List[str]:
     mp = par.tp * par.pp * par.cp
     dp = rep.world_size // mp if rep.world_size % mp == 0 else "?"
     on = {True: "on", False: "off"}
-    what_if = "" if hasattr(par, "recompute") else " (what-if)"
+    what_if = "" if args.recompute == par.recompute else f" (what-if; the config says {par.recompute})"
     lines = [f"dry run: {args.config} on {args.nodes} node(s) x {args.gpus_per_node} GPUs = {rep.world_size}, "
              f"{args.gpu_mem_gib:g} GiB per GPU",
              f"model: {arch.model_type} {total_params(arch, vm) / 1e9:.2f}B params from {arch_path}: "
@@ -141,7 +138,7 @@ def run(args: argparse.Namespace, out=print) -> int:
         out(f"result: CONFIG ERROR (model.hf_dir): {exc}")
         return 1
     if args.recompute is None:
-        args.recompute = getattr(cfg.parallel, "recompute", None) or "none"
+        args.recompute = cfg.parallel.recompute
     rep = check_layout(cfg, arch, arch_path, args.nodes, args.gpus_per_node, args.attention, args.recompute)
     for line in describe(cfg, arch, arch_path, rep, args):
         out(line)

@@ -33,6 +33,7 @@ from megatron_gift.config import to_plain, write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
+from megatron_gift.mcore.model import recompute_kwargs
 from megatron_gift.mcore.precision import check_fp8_supported, transformer_precision_kwargs
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
@@ -120,6 +121,7 @@ class Trainer:
         extra = {k: v for k, v in transformer_precision_kwargs(cfg.precision).items() if k.startswith("fp8")}
         if cfg.parallel.sequence_parallel:
             extra["sequence_parallel"] = True
+        extra.update(recompute_kwargs(cfg.parallel.recompute))
         if self.resume_from is None:
             policy = rt_mod.build_stage_model(**kwargs, **extra)
         else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)

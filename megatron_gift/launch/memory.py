@@ -22,8 +22,8 @@ c CP, s sequence length, b sequences per microbatch, d the parameter dtype's byt
                         tests/unit/test_dry_run.py;
                 times the layers of the microbatches in flight: 1F1B keeps min(m, pp - stage) stage
                 microbatches; the interleaved schedule min(m*v, 2(pp-stage-1) + (v-1)pp + 1) chunks of
-                L/(pp*v) layers (m microbatches, v virtual stages). recompute='full' (a what-if: the run
-                config has no recompute key yet) keeps only each layer's input (d * h / t_sp per token)
+                L/(pp*v) layers (m microbatches, v virtual stages). recompute='full' (parallel.recompute)
+                keeps only each layer's input (d * h / t_sp per token)
                 plus one layer's activations of one microbatch;
 - logits        last stage: tokens * V_pad/t * (d + 8): the logits, the fp32 working copy kept as the
                 softmax for backward (mcore/logprobs.py) and its fp32 gradient;
@@ -41,7 +41,7 @@ from megatron_gift.launch.model_size import stage_params, total_params
 
 GIB = 1 << 30
 ATTENTION = ("te", "local")
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
 VLLM_OVERHEAD_BYTES = 2 * GIB  # CUDA graphs + the profile run's activations inside vLLM's share (assumed)
 
 
@@ -129,6 +129,9 @@ def activation_bytes(plan: TrainPlan, stage: int) -> tuple[float, str]:
     where = f"{units} x {per_unit} layers x {tokens} tokens"
     if plan.recompute == "none":
         return units * per_unit * layer, where
+    if plan.recompute == "selective":  # the attention core (its probabilities) is recomputed, one layer at a time
+        return (units * per_unit * tokens * layer_activation_bytes_per_token(plan) + layer_softmax_bytes(plan),
+                f"{where}, attention core recomputed (selective)")
     kept = plan.dtype_bytes * plan.arch.hidden_size / (plan.tp if plan.sequence_parallel else 1) * tokens
     return units * per_unit * kept + layer, f"{where}, layer inputs + 1 layer (full recompute)"
 

@@ -53,10 +53,13 @@ def test_public_parameter_counts():
 
 @pytest.mark.parametrize("recipe,nodes", [(R8B, 1), (R70B, 8)])
 def test_recipes_pass_with_full_recompute_and_name_activations_without(recipe, nodes):
-    code, text = _dry(recipe, "--nodes", nodes, "--gpus-per-node", 8, "--recompute", "full")
-    assert code == 0 and "result: OK" in text and "ERROR" not in text, text
-    code, text = _dry(recipe, "--nodes", nodes, "--gpus-per-node", 8)
+    code, text = _dry(recipe, "--nodes", nodes, "--gpus-per-node", 8)  # the recipes say parallel.recompute: full
+    assert code == 0 and "result: OK" in text and "ERROR" not in text and "recompute full\n" in text, text
+    code, text = _dry(recipe, "--nodes", nodes, "--gpus-per-node", 8, "--recompute", "none")
     assert code == 1 and "DOES NOT FIT" in text and "largest item: activations" in text, text
+    assert "recompute none (what-if; the config says full)" in text
+    code, text = _dry(recipe, "--nodes", nodes, "--gpus-per-node", 8, "--set", "parallel.recompute=selective")
+    assert "attention core recomputed (selective)" in text, text
 
 
 # ----- memory items against hand calculations ----------------------------------------------------------
