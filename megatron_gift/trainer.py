@@ -31,6 +31,7 @@ from megatron_gift.checkpoint import manager as ckpt_files
 from megatron_gift.checkpoint.hf_arch import load_hf_arch
 from megatron_gift.config import to_plain, write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
+from megatron_gift.fault_tolerance import FaultTolerance
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
 from megatron_gift.mcore.model import recompute_kwargs
@@ -44,6 +45,10 @@ from megatron_gift.rewards import build_rewards
 from megatron_gift.run_config import RunConfig
 
 
+# Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
+FT_TIMEOUT_STEPS = 3
+
+
 class Trainer:
     """Build everything from a RunConfig on this rank, then `run()` the configured number of steps."""
 
@@ -55,6 +60,7 @@ class Trainer:
         cfg.check_world(self.rt.world_size)
         check_fp8_supported(cfg.precision)
         self.timers: Dict[str, float] = {}
+        self.ft = FaultTolerance.start(log=self.say)  # heartbeats under ft_launcher; inert otherwise
         self.stop = StopRequest(t.time_budget_s)
         self.stop_reason = None
         self.checkpoints = ckpt_files.CheckpointManager(t.checkpoint_dir, t.keep_last, log=self.say)
@@ -94,25 +100,12 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.hf_dir:
             return
-        if cfg.warmstart is None:
-            raise ValueError("model.hf_dir is empty and there is no warmstart section: name a HF checkpoint")
-        from megatron_gift.data import make_arithmetic_dataset
-        from megatron_gift.data.builtin import builtin_arithmetic_paths
-        from megatron_gift.warmstart import make_warmstart_model
-        ws = cfg.warmstart
-        if ws.task_max_operand > 0:
-            paths = {k: str(self.run_dir / "data" / f"{k}.jsonl") for k in ("train", "eval")}
-            if self.rt.rank == 0:
-                make_arithmetic_dataset(str(self.run_dir / "data"), ws.task_n_train, ws.task_n_eval, seed=ws.seed,
-                                        max_operand=ws.task_max_operand)
-            cfg.data.path = paths["train"]
-            if cfg.eval_data is not None:
-                cfg.eval_data.path = paths["eval"]
-        out = str(self.run_dir / "warmstart")
+        from megatron_gift.warmstart import point_at_demo_inputs, prepare_demo_inputs
         if self.rt.rank == 0:
-            make_warmstart_model(ws, cfg.data, builtin_arithmetic_paths()["tokenizer"], out, log=self.say)
+            prepare_demo_inputs(cfg, str(self.run_dir), log=self.say)
         dist.barrier()
-        cfg.model.hf_dir = out
+        if self.rt.rank != 0:
+            point_at_demo_inputs(cfg, str(self.run_dir))
 
     def _build_models(self) -> None:
         cfg = self.cfg
@@ -147,9 +140,11 @@ class Trainer:
 
     @contextmanager
     def timed(self, phase: str):
+        self.ft.heartbeat()  # every phase beats: a rank stuck inside one is seen as hung by ft_launcher
         start = time.perf_counter()
         yield
         self.timers[phase] = self.timers.get(phase, 0.0) + time.perf_counter() - start
+        self.ft.heartbeat()
 
     # ----- the phases -------------------------------------------------------------------------------
     def sample_prompts(self):
@@ -368,6 +363,7 @@ class Trainer:
                     self.metrics.log(0, start)
         self._clear_requeue_file()
         self.stop.install()
+        run_start, self._run_clock = self.step, (self.step, time.perf_counter())
         try:
             while self.step < total and self.stop_reason is None:
                 values = self.train_step()
@@ -379,19 +375,29 @@ class Trainer:
                 if self.step % self.cfg.trainer.log_every == 0 or self.step == total:
                     self._log_step(values, total)
                 self._end_of_step(values)
+                if self.step == run_start + FT_TIMEOUT_STEPS:
+                    self.ft.calculate_timeouts()  # collective: every rank reaches this step together
         finally:
             self.stop.uninstall()
         if self.async_saver is not None:
             self.async_saver.poll(blocking=True)
         if self.requeue_requested:
+            self.ft.request_shutdown(f"stop requested: {self.stop_reason}")  # the job is requeued, not restarted
             self._write_requeue_file()
         return history
 
     def _log_step(self, values: Dict[str, float], total: int) -> None:
         ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
         self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f}{ev} "
-                 f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s "
+                 f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s eta {self._eta(total)} "
                  + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
+
+    def _eta(self, total: int) -> str:
+        """Remaining wall time at the mean step time of this process's run so far (evals included)."""
+        first, t0 = self._run_clock
+        done = self.step - first
+        seconds = (time.perf_counter() - t0) / max(done, 1) * (total - self.step)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
     def _clear_requeue_file(self) -> None:
         path = Path(self.cfg.trainer.checkpoint_dir) / REQUEUE_FILE
@@ -411,6 +417,7 @@ class Trainer:
             self.metrics.close()
         if self.engine is not None:
             self.engine.close()
+        self.ft.close()
         self.rt.close()
 
 
