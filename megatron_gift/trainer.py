@@ -49,6 +49,22 @@ from megatron_gift.run_config import RunConfig
 FT_TIMEOUT_STEPS = 3
 
 
+def check_colocated_layout(cfg: RunConfig) -> None:
+    """Refuse model-parallel replicas with the in-process vLLM engine (a deadlock otherwise).
+
+    The engine runs on each replica's first rank only, and in-process vLLM joins the trainer's default
+    process group (its external-launcher path), whose group creation is collective over every rank: the
+    other ranks of a TP / PP / CP > 1 replica never join, and start-up hangs (seen at TP=2 on gloo).
+    Data parallelism works: every rank leads its own replica and starts its engine at the same time.
+    """
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    if model_parallel > 1:
+        raise NotImplementedError(
+            f"parallel.tp * pp * cp = {model_parallel}: training with model-parallel replicas needs the rollout "
+            "engine out of the trainer's process group (vLLM in its own processes), which is not implemented "
+            "yet; run with tp = pp = cp = 1 (data parallel only)")
+
+
 class Trainer:
     """Build everything from a RunConfig on this rank, then `run()` the configured number of steps."""
 
@@ -58,6 +74,7 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed)
         cfg.check_world(self.rt.world_size)
+        check_colocated_layout(cfg)
         check_fp8_supported(cfg.precision)
         self.timers: Dict[str, float] = {}
         self.ft = FaultTolerance.start(log=self.say)  # heartbeats under ft_launcher; inert otherwise
