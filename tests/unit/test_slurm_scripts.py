@@ -58,7 +58,7 @@ def test_70b_dry_run_passes_for_its_world_size():
 
 
 def test_8b_dry_run_failure_names_the_cause_and_set_is_forwarded():
-    rc, out = _bash("slurm/gift_8b.sh", "--dry-run", "--set", "trainer.microbatches=128", env=_env(RECOMPUTE=""))
+    rc, out = _bash("slurm/gift_8b.sh", "--dry-run", "--set", "trainer.microbatches=128", env=_env(RECOMPUTE="none"))
     assert "128 microbatches of 32 sequences" in out  # --set reaches the dry run (and the trainer's arguments)
     assert "--set trainer.microbatches=128" in out.split("trainer arguments:")[1]
     assert rc == 1 and "on 1 node(s) x 8 GPUs = 8" in out and "recompute none" in out
