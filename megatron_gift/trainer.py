@@ -147,6 +147,7 @@ class Trainer:
         settings = ScheduleSettings(vocab_size=self.arch.vocab_size, temperature=cfg.rollout.sampling.temperature or 1.0,
                                     mode=cfg.loss.schedule)
         self.schedule = GiftSchedule(self.model, self.loss, settings, self.rt.pg)
+        dist_ckpt.check_checkpointable(self.model, self.optimizer)  # fail now, not at the first save
 
     def _build_engine(self):
         from megatron_gift.rollout.vllm_config import VllmConfig
@@ -430,6 +431,7 @@ class Trainer:
     def close(self) -> None:
         if self.async_saver is not None and self.async_saver.pending == 0:
             self.async_saver.close()  # with a save still pending (an error path) waiting could hang: leave it
+        dist_ckpt.shutdown_writer_helpers()
         if self.metrics is not None:
             self.metrics.close()
         if self.engine is not None:

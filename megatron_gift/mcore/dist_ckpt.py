@@ -71,6 +71,25 @@ def _save_strategy(parallel: bool):
     return strategy
 
 
+def check_checkpointable(model: List[torch.nn.Module], optimizer) -> None:
+    """Refuse, before training starts, a set-up whose checkpoints megatron-core 0.16.1 writes wrongly.
+
+    Distributed optimizer + pipeline parallelism + tied embeddings: a `fully_reshardable` checkpoint written
+    under PP=2 held the tied embedding's fp32 main copy and Adam moments shifted by one row (hidden_size
+    elements) against the weights (tests/distributed/test_checkpoint_reshard.py found it; the training
+    itself is unaffected). Such a checkpoint would corrupt the embedding on resume, so the run is refused.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    distributed = any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    tied = any(getattr(unwrap(c), "share_embeddings_and_output_weights", False) for c in model)
+    if distributed and tied and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError(
+            "checkpoints of a distributed optimizer with pipeline parallelism and tied embeddings are written "
+            "wrongly by megatron-core 0.16.1 (tied embedding optimizer state misaligned): use "
+            "parallel.use_distributed_optimizer=false, parallel.pp=1, or a model with untied embeddings")
+
+
 def save_training_state(model: List[torch.nn.Module], optimizer, plain: Dict[str, Any], ckpt_dir: Path,
                         async_save: bool = False, optim_sharding: str = OPTIM_SHARDING):
     """Write model + optimizer (sharded) and `plain` (common part, rank 0) into the EXISTING empty `ckpt_dir`.
@@ -130,7 +149,11 @@ def _torch_adam_step_shim(optimizer) -> Iterator[None]:
     Without TE / apex, DistributedOptimizer.load_state_dict first puts the common 'step' into every torch
     Adam state, then `_set_main_param_and_optimizer_states` copies each key of that state from the
     checkpoint tensors, which (by design) carry no 'step': KeyError. The shim keeps the step already set.
-    Instance-level and undone on exit; inert for the plain optimizer and for TE / apex optimizers.
+    Megatron also puts ONE step tensor object into every parameter's state there; torch Adam increments
+    each parameter's step in place, so a shared tensor would advance once per parameter per update and
+    skew the bias correction (seen as a 2% loss difference two steps after resuming): each parameter
+    gets its own copy on exit. Instance-level and undone on exit; inert for the plain optimizer and for
+    TE / apex optimizers.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -154,6 +177,10 @@ def _torch_adam_step_shim(optimizer) -> Iterator[None]:
     finally:
         for opt in patched:
             del opt._set_main_param_and_optimizer_states  # back to the class method
+    for opt in patched:
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def canonical_checkpoint_tensors(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
@@ -205,6 +232,19 @@ class AsyncSaver:
     def close(self) -> None:
         self.poll(blocking=True)
         self._queue.close()
+
+
+def shutdown_writer_helpers() -> None:
+    """Stop the helper process megatron's checkpoint writer keeps for its results queue (a multiprocessing
+    Manager held in a module global). It is shut down at a normal interpreter exit, but not when the process
+    is terminated (e.g. a daemonic test rank), and a leftover one keeps inherited stdout pipes open."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
 
 
 # ----------------------------------------------------------------------------- random generators
