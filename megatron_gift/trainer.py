@@ -292,7 +292,7 @@ class Trainer:
         if request is None:
             self.checkpoints.commit(tmp, step)
         else:
-            self.async_saver.submit(request, lambda: self.checkpoints.commit(tmp, step))
+            self.async_saver.submit(request, lambda: self.checkpoints.commit(tmp, step), what=str(tmp))
         seconds = time.perf_counter() - start
         self.stop.note_save(seconds)
         self.say(f"[checkpoint] step {step} " + (f"saved in {seconds:.2f}s" if request is None

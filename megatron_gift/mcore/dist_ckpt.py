@@ -210,28 +210,45 @@ def _flat_items(tree: Any, prefix: str = ""):
 class AsyncSaver:
     """Runs megatron async save requests and their finalisation; a failed write raises, never passes silently.
 
-    `submit(request, finalize)`: start writing (all ranks); `finalize` runs on every rank once every rank's
-    writer finished (after megatron's own finalisation, e.g. its metadata.json). `poll(blocking)`: finalise
-    what is done (all ranks must call it at the same points); errors of the writer processes surface here.
+    `submit(request, finalize, what)`: start writing (all ranks); `finalize` runs on every rank once every
+    rank's writer finished (after megatron's own finalisation, e.g. its metadata.json). `poll(blocking)`:
+    finalise what is done (all ranks must call it at the same points). A writer process that failed makes
+    `poll` raise AsyncSaveError naming `what` (megatron raises torch's CheckpointException, a BaseException
+    that `except Exception` would not even see).
     """
 
     def __init__(self) -> None:
         self._queue = AsyncCallsQueue(persistent=False)
+        self._what: List[str] = []
 
-    def submit(self, request, finalize: Callable[[], None]) -> None:
+    def submit(self, request, finalize: Callable[[], None], what: str = "checkpoint") -> None:
         request.add_finalize_fn(finalize)
         self._queue.schedule_async_request(request)
+        self._what.append(what)
 
     @property
     def pending(self) -> int:
         return self._queue.get_num_unfinalized_calls()
 
     def poll(self, blocking: bool = False) -> List[int]:
-        return self._queue.maybe_finalize_async_calls(blocking=blocking)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointException as exc:
+            what = self._what[0] if self._what else "checkpoint"
+            raise AsyncSaveError(f"asynchronous save of {what} failed (it is not a complete checkpoint and is "
+                                 f"never resumed from): {exc}") from exc
+        del self._what[:len(done)]
+        return done
 
     def close(self) -> None:
         self.poll(blocking=True)
         self._queue.close()
+
+
+class AsyncSaveError(RuntimeError):
+    """A background checkpoint writer failed."""
 
 
 def shutdown_writer_helpers() -> None:

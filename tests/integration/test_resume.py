@@ -5,17 +5,18 @@ killed with SIGKILL (the whole process group, like a node failure) or stopped wi
 `resume=auto` and must end with bitwise-equal weights and optimizer state (every tensor of the final
 checkpoint, torch.equal), the same sampler position, LR schedule and step, and the same metrics.jsonl
 (timings excluded). A truncated newest checkpoint makes the resume fall back to the previous one, and is
-kept, never deleted. (Resharding to TP=2 / PP=2 / DP=2 is tested at the checkpoint level in
-tests/distributed/test_checkpoint_reshard.py: the trainer refuses TP/PP > 1 with colocated vLLM for now.)
-Runtime: about 4-5 minutes on 2 cores (7 trainer start-ups of ~20 s, a torchrun pair, one conversion).
+kept, never deleted. The SIGTERM run saves with the asynchronous writer (the stop waits for it). A 1-process
+checkpoint resumed under DP=2 (torchrun, two engines) continues from the loaded weights. (Resharding to
+TP=2 / PP=2 / DP=2 with equal next-step losses is tested at the checkpoint level in
+tests/distributed/test_checkpoint_reshard.py: the trainer refuses TP/PP > 1 with colocated vLLM for now;
+at DP=2 the rollouts differ, since each replica's engine call is seeded by its first prompt id.)
+Runtime: about 4-6 minutes on 2 cores (7 trainer start-ups of ~20-30 s and a torchrun pair).
 """
 from __future__ import annotations
 
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +25,6 @@ from megatron_gift.checkpoint.manager import MARKER, verify
 from megatron_gift.mcore.harness import free_port
 from megatron_gift.resilience import REQUEUE_EXIT_CODE, REQUEUE_FILE
 from tests.integration.resume_helpers import (
-    ROOT,
     checkpoint_plain,
     checkpoint_tensors,
     make_warm_model,
@@ -113,7 +113,7 @@ def test_kill9_then_truncated_newest_falls_back_and_is_kept(warm, reference, tmp
 
 def test_sigterm_saves_and_exits_with_requeue_code(warm, reference, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = run_overrides(warm, run_dir, STEPS)
+    overrides = run_overrides(warm, run_dir, STEPS, extra=["trainer.async_save=true"])
     stopped = run_until(overrides, "[train] step 3/6", signal.SIGTERM)
     assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stdout[-3000:]
     ckpts = run_dir / "checkpoints"
@@ -124,4 +124,24 @@ def test_sigterm_saves_and_exits_with_requeue_code(warm, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert _resumed_from(resumed.stdout) == step
     assert not (ckpts / REQUEUE_FILE).exists()
+    assert "handed to the async writer" in stopped.stdout + resumed.stdout
     assert_same_run(run_dir, reference)
+
+
+@pytest.mark.distributed
+def test_one_process_checkpoint_resumes_under_two_data_parallel_ranks(warm, reference, tmp_path):
+    run_dir = tmp_path / "dp2"
+    source = reference / "checkpoints" / "step_00000004"
+    overrides = run_overrides(warm, run_dir, 5, save_every=5, extra=[f"trainer.resume={source}"])
+    proc = run_train(overrides, nproc=2, port=free_port())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "at step 4" in proc.stdout and "layout changed" in proc.stdout
+    rows, ref_rows = metrics_rows(run_dir), metrics_rows(reference)
+    assert rows[:5] == ref_rows[:5]  # the history up to the checkpoint comes from the checkpoint
+    assert rows[5]["step"] == 5
+    # Both replicas' engines sample with the loaded weights: their sampled-token log-probs equal Megatron's
+    # recomputation with the loaded policy (the warm-start weights they were built with would not).
+    assert rows[5]["logprob_mismatch_max"] < 1e-4
+    final = checkpoint_plain(run_dir / "checkpoints" / "step_00000005")["gift"]
+    assert final["step"] == 5 and final["sampler"]["position"] == 5 * 4
+    assert final["scheduler"]["num_steps"] == 5
