@@ -1,10 +1,13 @@
 """The GIFT training loop: one method per phase of a step, timed.
 
 Owns the order of a step (DESIGN.md "One training step"): sample prompts -> generate N responses per
-prompt (replica leader's rollout engine) -> score -> pack whole groups -> anchor log-probs -> GIFT (or
-GRPO) forward-backward and optimizer step -> push weights to the engine -> log. Each data-parallel
-replica samples the same global prompt batch from the same sampler state and keeps its own share, so
-the sampler position is identical on every rank.
+prompt -> score -> pack whole groups -> anchor log-probs -> GIFT (or GRPO) forward-backward and optimizer
+step -> push weights to the engines -> log. Every rank samples the same global prompt batch from the same
+sampler state, so the sampler position is identical everywhere. Every rank hosts a colocated vLLM engine
+(or a tensor-parallel share of one, rollout/colocated.py): each engine generates and scores a slice of
+the global batch, and each data-parallel replica then trains on its own share of the scored groups.
+Rollout seeds depend on (seed, step, position in the global batch) only, so the samples do not depend on
+the layout (how many engines split the batch).
 
 Long runs: a checkpoint every `trainer.save_every` steps, at the end and when a stop is requested (signal
 or wall-clock budget, agreed by all ranks after each step, resilience.py); `trainer.resume` picks what to
@@ -16,7 +19,10 @@ pushed to it right after loading.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +48,7 @@ from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_
 from megatron_gift.metrics_log import MetricsLog
 from megatron_gift.resilience import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
+from megatron_gift.rollout.colocated import EnginePlacement, RolloutStats, balanced_slice, exchange_groups
 from megatron_gift.run_config import RunConfig
 
 
@@ -49,20 +56,9 @@ from megatron_gift.run_config import RunConfig
 FT_TIMEOUT_STEPS = 3
 
 
-def check_colocated_layout(cfg: RunConfig) -> None:
-    """Refuse model-parallel replicas with the in-process vLLM engine (a deadlock otherwise).
-
-    The engine runs on each replica's first rank only, and in-process vLLM joins the trainer's default
-    process group (its external-launcher path), whose group creation is collective over every rank: the
-    other ranks of a TP / PP / CP > 1 replica never join, and start-up hangs (seen at TP=2 on gloo).
-    Data parallelism works: every rank leads its own replica and starts its engine at the same time.
-    """
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
-    if model_parallel > 1:
-        raise NotImplementedError(
-            f"parallel.tp * pp * cp = {model_parallel}: training with model-parallel replicas needs the rollout "
-            "engine out of the trainer's process group (vLLM in its own processes), which is not implemented "
-            "yet; run with tp = pp = cp = 1 (data parallel only)")
+def engine_placement(cfg: RunConfig, rank: int, world_size: int) -> EnginePlacement:
+    """Where this rank's rollout engine sits (every rank hosts one; see rollout/colocated.py)."""
+    return EnginePlacement(rank, world_size, int(cfg.rollout.engine.get("tensor_parallel_size", 1)))
 
 
 class Trainer:
@@ -74,7 +70,7 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed)
         cfg.check_world(self.rt.world_size)
-        check_colocated_layout(cfg)
+        self.placement = engine_placement(cfg, self.rt.rank, self.rt.world_size)
         check_fp8_supported(cfg.precision)
         self.timers: Dict[str, float] = {}
         self.ft = FaultTolerance.start(log=self.say)  # heartbeats under ft_launcher; inert otherwise
@@ -91,12 +87,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.hf_dir)
         self.dataset = build_prompt_dataset(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(self.dataset, seed=t.seed)
-        self.rewards = build_rewards(cfg.rewards) if self.rt.is_leader else None
+        self.rewards = build_rewards(cfg.rewards) if self.placement.is_engine_leader else None
+        self.reward_labels = [term.label for term in cfg.rewards.terms]
         self.eval_set = None
         if cfg.eval_data is not None and t.eval_every > 0:
             self.eval_set = build_prompt_dataset(cfg.eval_data, self.tokenizer)
         self._build_models()
-        self.engine = self._build_engine() if self.rt.is_leader else None
+        self.engine = self._build_engine()
         self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None
         self.step = 0
         if self.resume_from is not None:
@@ -113,16 +110,23 @@ class Trainer:
             self.log_fn(msg)
 
     def _prepare_model_dir(self) -> None:
-        """Warm-start the tiny demo model (rank 0 makes it, the others wait) when no hf_dir is given."""
+        """Warm-start the tiny demo model when no hf_dir is given, and convert hf_dir into a Megatron checkpoint
+        when TP or PP > 1 needs one and none is given (rank 0 makes both, the others wait)."""
         cfg = self.cfg
-        if cfg.model.hf_dir:
-            return
-        from megatron_gift.warmstart import point_at_demo_inputs, prepare_demo_inputs
-        if self.rt.rank == 0:
-            prepare_demo_inputs(cfg, str(self.run_dir), log=self.say)
-        dist.barrier()
-        if self.rt.rank != 0:
-            point_at_demo_inputs(cfg, str(self.run_dir))
+        if not cfg.model.hf_dir:
+            from megatron_gift.warmstart import point_at_demo_inputs, prepare_demo_inputs
+            if self.rt.rank == 0:
+                prepare_demo_inputs(cfg, str(self.run_dir), log=self.say)
+            dist.barrier()
+            if self.rt.rank != 0:
+                point_at_demo_inputs(cfg, str(self.run_dir))
+        if self.resume_from is None and not cfg.model.mcore_dir and cfg.parallel.tp * cfg.parallel.pp > 1:
+            out = self.run_dir / "mcore_from_hf"
+            if self.rt.rank == 0:
+                convert_for_model_parallel(cfg.model.hf_dir, out, cfg.precision.dtype, cfg.model.vocab_multiple,
+                                           log=self.say)
+            dist.barrier()
+            cfg.model.mcore_dir = str(out)
 
     def _build_models(self) -> None:
         cfg = self.cfg
@@ -150,10 +154,13 @@ class Trainer:
         dist_ckpt.check_checkpointable(self.model, self.optimizer)  # fail now, not at the first save
 
     def _build_engine(self):
+        """This rank's engine (all ranks build theirs together: vLLM creates its groups over the world)."""
         from megatron_gift.rollout.vllm_config import VllmConfig
         from megatron_gift.rollout.vllm_engine import VllmEngine
         engine_cfg = dict(self.cfg.rollout.engine)
         engine_cfg.setdefault("seed", self.cfg.trainer.seed)
+        if self.placement.engine_tp > 1:  # SPMD engines over the trainer's ranks
+            engine_cfg.setdefault("distributed_executor_backend", "external_launcher")
         return VllmEngine(VllmConfig(model=self.cfg.model.hf_dir, **engine_cfg))
 
     @contextmanager
@@ -166,30 +173,39 @@ class Trainer:
 
     # ----- the phases -------------------------------------------------------------------------------
     def sample_prompts(self):
-        """The global prompt batch (same on every rank) and this replica's share of it."""
-        batch = self.sampler.next_batch(self.cfg.trainer.prompts_per_step)
-        per = len(batch) // self.rt.dp
-        return batch, batch[self.rt.dp_rank * per:(self.rt.dp_rank + 1) * per], self.rt.dp_rank * per
+        """The global prompt batch (the same on every rank)."""
+        return self.sampler.next_batch(self.cfg.trainer.prompts_per_step)
 
-    def generate_and_score(self, records, first_id: int) -> List[RolloutGroup]:
-        """Leader: N responses per prompt and their rewards; broadcast to the replica's ranks."""
-        groups = None
-        if self.rt.is_leader:
-            n = self.cfg.trainer.responses_per_prompt
-            with self.timed("generate"):
-                result = self.engine.generate([r.prompt_ids for r in records], n, self.cfg.rollout.sampling,
-                                              seed=self.cfg.trainer.seed * 1_000_003 + self.step * 131 + first_id)
+    def replica_share(self, num_prompts: int):
+        """[start, stop) of the global batch that this rank's data-parallel replica trains on."""
+        return balanced_slice(num_prompts, self.rt.dp, self.rt.dp_rank)
+
+    def generate_and_score(self, batch) -> List[RolloutGroup]:
+        """Every engine samples N responses for its slice of the batch, its first rank scores them; then each
+        replica gets the scored groups of its share (group ids are positions in the global batch)."""
+        start, stop = self.placement.share(len(batch))
+        records = batch[start:stop]
+        local: List[RolloutGroup] = []
+        stats = RolloutStats()
+        with self.timed("generate"):
+            result = self.engine.generate([r.prompt_ids for r in records], self.cfg.trainer.responses_per_prompt,
+                                          self.cfg.rollout.sampling, seed=self._rollout_seed(), first_index=start)
+        if self.placement.is_engine_leader:
             with self.timed("score"):
                 flat = result.flat()
                 texts = [self.tokenizer.decode(ids) for ids in flat.response_token_ids]
-                prompts = [records[p].text for p in flat.prompt_index]
-                meta = [records[p].reward_metadata() for p in flat.prompt_index]
-                scored = self.rewards.score(prompts, texts, meta)
-                self._reward_terms = {k: sum(v) / len(v) for k, v in scored.terms.items()}
-                groups = result.to_groups(torch.tensor(scored.total, dtype=torch.float32),
-                                          group_ids=[first_id + p for p in range(len(records))])
-                self._tokens = result.num_response_tokens
-        return rt_mod.broadcast_in_replica(groups, self.rt)
+                scored = self.rewards.score([records[p].text for p in flat.prompt_index], texts,
+                                            [records[p].reward_metadata() for p in flat.prompt_index])
+                local = result.to_groups(torch.tensor(scored.total, dtype=torch.float32),
+                                         group_ids=[start + p for p in range(len(records))])
+                stats = RolloutStats(samples=float(len(texts)), tokens=float(result.num_response_tokens),
+                                     term_sums={k: float(sum(v)) for k, v in scored.terms.items()})
+        with self.timed("exchange"):
+            self._rollout_stats = stats.reduced(self.reward_labels, self.rt.device)
+            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp)
+
+    def _rollout_seed(self) -> int:
+        return self.cfg.trainer.seed * 1_000_003 + self.step * 131
 
     def pack(self, groups: List[RolloutGroup]):
         t = self.cfg.trainer
@@ -215,24 +231,29 @@ class Trainer:
         return result
 
     def sync_weights(self) -> None:
+        """Every rank's engine gets the full trained weights (gathered over TP, broadcast over PP)."""
         with self.timed("weight_sync"):
-            stream = iter_policy_as_hf(self.model, self.arch)
-            if self.engine is not None:
-                self.engine.update_weights(stream)
-            else:
-                for _ in stream:
-                    pass
+            self.engine.update_weights(iter_policy_as_hf(self.model, self.arch))
 
     def evaluate(self) -> Dict[str, float]:
-        """Greedy reward on the first eval prompts (replica 0's engine; the same on every replica)."""
-        if self.eval_set is None or not (self.rt.is_leader and self.rt.dp_rank == 0):
+        """Greedy reward on the first eval prompts, split over every engine; the same value on every rank."""
+        if self.eval_set is None:
             return {}
         with self.timed("eval"):
-            records = [self.eval_set[i] for i in range(min(self.cfg.trainer.eval_prompts, len(self.eval_set)))]
-            outs = self.engine.greedy([r.prompt_ids for r in records], self.cfg.rollout.sampling.max_new_tokens)
-            scores = self.rewards.score([r.text for r in records], [self.tokenizer.decode(o) for o in outs],
-                                        [r.reward_metadata() for r in records]).total
-        return {"eval/reward_mean": sum(scores) / len(scores)}
+            count = min(self.cfg.trainer.eval_prompts, len(self.eval_set))
+            start, stop = self.placement.share(count)
+            records = [self.eval_set[i] for i in range(start, stop)]
+            outs = self.engine.greedy([r.prompt_ids for r in records],
+                                      self.cfg.rollout.sampling.max_new_tokens) if records else []
+            total = 0.0
+            if self.placement.is_engine_leader and records:
+                total = float(sum(self.rewards.score([r.text for r in records],
+                                                     [self.tokenizer.decode(o) for o in outs],
+                                                     [r.reward_metadata() for r in records]).total))
+            summed = torch.tensor([total], dtype=torch.float64, device=self.rt.device)
+            if self.rt.world_size > 1:
+                dist.all_reduce(summed)
+        return {"eval/reward_mean": float(summed[0]) / count}
 
     def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
         """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
@@ -336,8 +357,7 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         self.timers, t0 = {}, time.perf_counter()
-        _, mine, first_id = self.sample_prompts()
-        groups = self.generate_and_score(mine, first_id)
+        groups = self.generate_and_score(self.sample_prompts())
         per_update = len(groups) // self.cfg.trainer.updates_per_rollout
         rewards = torch.cat([g.rewards for g in groups])
         # Anchors for every update of this rollout batch come first: with anchor `old` they are the
@@ -361,9 +381,8 @@ class Trainer:
         mean = float(stats[0] / stats[2])
         values.update(reward_mean=mean, reward_std=max(0.0, float(stats[1] / stats[2]) - mean ** 2) ** 0.5,
                       lr=self.optimizer.param_groups[0]["lr"], step_time_s=wall)
-        if self.rt.is_leader:
-            values.update({f"reward/{k}": v for k, v in self._reward_terms.items()})
-            values["tokens_per_s"] = self._tokens / max(wall, 1e-9)
+        values.update({f"reward/{k}": v for k, v in self._rollout_stats.term_means().items()})
+        values["tokens_per_s"] = self._rollout_stats.tokens / max(wall, 1e-9)  # all engines together
         values.update({f"time/{k}_s": v for k, v in self.timers.items()})
         return values
 
@@ -434,10 +453,41 @@ class Trainer:
         dist_ckpt.shutdown_writer_helpers()
         if self.metrics is not None:
             self.metrics.close()
-        if self.engine is not None:
-            self.engine.close()
+        self.engine.close()
         self.ft.close()
         self.rt.close()
+
+
+def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:
+    """Make (once) the Megatron checkpoint that TP / PP > 1 loads, with tools/convert_hf_to_mcore.py in a
+    separate process (the converter builds a one-process TP=1 model; this process is already in the job's
+    layout). An existing conversion of the same source is reused."""
+    from megatron_gift.mcore.convert import read_conversion_info
+    source = str(Path(hf_dir).absolute())
+    if (out / "megatron_gift_conversion.json").exists():
+        info = read_conversion_info(out)
+        if info.get("source") == source and info.get("vocab_multiple") == vocab_multiple and \
+                info.get("dtype") == dtype:
+            log(f"[train] reusing the Megatron checkpoint {out} converted from {hf_dir}")
+            return
+        raise ValueError(f"{out} holds a conversion of {info.get('source')} ({info.get('dtype')}, vocab multiple "
+                         f"{info.get('vocab_multiple')}), not of {source} ({dtype}, {vocab_multiple}): remove it or set "
+                         "model.mcore_dir")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf_to_mcore.py"
+    if not tool.is_file():
+        raise FileNotFoundError(f"TP or PP > 1 needs model.mcore_dir (a Megatron checkpoint of {hf_dir}); {tool} "
+                                "is not there to make one: convert with tools/convert_hf_to_mcore.py from a checkout")
+    log(f"[train] converting {hf_dir} into a Megatron checkpoint at {out} (TP or PP > 1 loads one)")
+    cmd = [sys.executable, str(tool), "--hf-dir", str(hf_dir), "--out", str(out), "--dtype", dtype,
+           "--vocab-multiple", str(vocab_multiple), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}  # a one-process job of its own
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {hf_dir} failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
 
 def _megatron_greedy(model, prompt, steps: int, vocab: int, device) -> list:

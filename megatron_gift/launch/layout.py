@@ -143,9 +143,9 @@ def _check_vllm(cfg: RunConfig, arch: HFArch, where: str, gpus_per_node: int, er
     if arch.num_heads % v.tensor_parallel_size:
         err(f"rollout.engine.tensor_parallel_size={v.tensor_parallel_size}: num_attention_heads={arch.num_heads} "
             f"in {where} is not divisible by it")
-    if v.tensor_parallel_size > gpus_per_node:
-        err(f"rollout.engine.tensor_parallel_size={v.tensor_parallel_size} > {gpus_per_node} GPUs per node "
-            "(a colocated engine stays on its node)")
+    if v.tensor_parallel_size > gpus_per_node or gpus_per_node % v.tensor_parallel_size:
+        err(f"rollout.engine.tensor_parallel_size={v.tensor_parallel_size} must divide the {gpus_per_node} GPUs per "
+            "node (every rank hosts a share of an engine, and an engine stays on its node)")
     return VllmPlan(tensor_parallel_size=v.tensor_parallel_size, dtype_bytes=_DTYPE_BYTES[v.dtype],
                     gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_bytes=v.kv_cache_bytes,
                     max_model_len=v.max_model_len)

@@ -1,10 +1,9 @@
 """Process start-up for a training job and the policy / reference models of this rank.
 
 Owns: joining torch.distributed from torchrun's environment (or as a single process), NCCL on GPUs and
-gloo plus the CPU compatibility layer otherwise, Megatron parallel state for the run's layout, the
-per-replica process group (all ranks with the same data-parallel index: the ranks that share one
-rollout engine), and building this rank's model stage with the run's weights (an HF directory at
-TP = PP = 1, or a converted Megatron checkpoint at any layout).
+gloo plus the CPU compatibility layer otherwise, Megatron parallel state for the run's layout, and
+building this rank's model stage with the run's weights (an HF directory at TP = PP = 1, or a converted
+Megatron checkpoint at any layout). Where rollout engines sit is rollout/colocated.py's business.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,14 +35,8 @@ class Runtime:
     dp: int
     dp_rank: int
     pg: Any  # ProcessGroupCollection
-    replica_group: Any  # ranks sharing this rank's data-parallel index (tp x pp x cp of one replica)
-    replica_leader: int  # global rank that runs the rollout engine for this replica
     device: torch.device
     _stack: contextlib.ExitStack
-
-    @property
-    def is_leader(self) -> bool:
-        return self.rank == self.replica_leader
 
     @property
     def is_logger(self) -> bool:
@@ -60,11 +53,15 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
           timeout_s: float = 1800.0) -> Runtime:
     """Join (or create) the process group from RANK / WORLD_SIZE / MASTER_* and set up Megatron."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stack = contextlib.ExitStack()
+    # Defaults for a job started without a launcher, taken back by close(): a process that runs a trainer
+    # in-process (a test, a notebook) must not hand its port to the jobs it starts later.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        stack.callback(_restore_env, key, os.environ.get(key))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # single process: any free port, so several runs can share a host
         from megatron_gift.mcore.harness import free_port
         os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
-    stack = contextlib.ExitStack()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -75,33 +72,16 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
                             timeout=timedelta(seconds=timeout_s))
     initialize_parallel(tp, pp, cp, vpp, seed=seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    replica_group, leader = _replica_group(rank, world, dp_rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Runtime(rank=rank, world_size=world, dp=dp, dp_rank=dp_rank,
-                   pg=ProcessGroupCollection.use_mpu_process_groups(), replica_group=replica_group,
-                   replica_leader=leader, device=torch.device("cuda", torch.cuda.current_device()) if cuda
-                   else torch.device("cpu"), _stack=stack)
+                   pg=ProcessGroupCollection.use_mpu_process_groups(), device=device, _stack=stack)
 
 
-def _replica_group(rank: int, world: int, dp_rank: int):
-    """One group per data-parallel index; every rank creates all of them in the same order."""
-    dp_ranks: List[Any] = [None] * world
-    dist.all_gather_object(dp_ranks, dp_rank)
-    mine, leader = None, rank
-    for index in sorted(set(dp_ranks)):
-        members = [r for r in range(world) if dp_ranks[r] == index]
-        group = dist.new_group(members) if world > 1 else None
-        if index == dp_rank:
-            mine, leader = group, members[0]
-    return mine, leader
-
-
-def broadcast_in_replica(obj: Any, rt: Runtime) -> Any:
-    """Send a picklable object from the replica leader to every rank of its replica."""
-    if rt.replica_group is None or dist.get_world_size(rt.replica_group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=rt.replica_leader, group=rt.replica_group)
-    return box[0]
+def _restore_env(key: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def build_stage_model(arch: HFArch, hf_dir: str, mcore_dir: Optional[str], dtype: torch.dtype,

@@ -1,9 +1,10 @@
-"""Stream the trained policy as Hugging Face tensors to the rank that feeds the rollout engine.
+"""Stream the trained policy as Hugging Face tensors to every rank's colocated rollout engine.
 
 Owns: unwrapping the training wrappers (DDP, Float16Module), forcing a parameter sync when the
-distributed optimizer gathers parameters lazily, and moving every pipeline stage's tensors to the
-replica leader (pipeline rank 0, tensor rank 0) one tensor at a time, so no rank holds a second full
-copy of the model. Names and layouts come from checkpoint/mapping.py through mcore/convert.py.
+distributed optimizer gathers parameters lazily, gathering tensor-parallel shards (every TP rank gets the
+full tensor) and broadcasting each pipeline stage's tensors to the other stages, one tensor at a time,
+so no rank holds a second full copy of the model beyond its engine's. Names and layouts come from
+checkpoint/mapping.py through mcore/convert.py.
 """
 from __future__ import annotations
 
@@ -27,43 +28,50 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def iter_policy_as_hf(model: List[torch.nn.Module], arch: HFArch) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yields (hf_name, full tensor) on the replica leader; every rank of the replica must exhaust it.
+    """Yields every (hf_name, full tensor) of the model on every rank, in the same order everywhere.
 
-    Other ranks yield nothing but take part in the tensor-parallel gathers and pipeline sends.
-    """
+    Every rank must exhaust it: it all-gathers over the tensor-parallel group and broadcasts each stage's
+    tensors over the pipeline group (each pipeline group, one per TP / CP / DP position, on its own)."""
     for chunk in model:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)  # lazily gathered params (overlap_param_gather) made current
-    tp_rank = ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if pp == 1:
+        for chunk in model:
+            yield from iter_model_as_hf(unwrap(chunk), arch)
+        return
     pp_group = ps.get_pipeline_model_parallel_group()
-    first = dist.get_process_group_ranks(pp_group)[0] if pp > 1 else None
+    stage_ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp):
+        src = stage_ranks[stage]
         if stage == pp_rank:
             for chunk in model:
                 for name, tensor in iter_model_as_hf(unwrap(chunk), arch):
-                    if stage == 0 and tp_rank == 0:
-                        yield name, tensor
-                    elif tp_rank == 0:
-                        _send(pp_group, (name, tensor.cpu()), src=dist.get_process_group_ranks(pp_group)[stage])
-            if stage > 0 and tp_rank == 0:
-                _send(pp_group, (_DONE, None), src=dist.get_process_group_ranks(pp_group)[stage])
-        elif pp_rank == 0 and tp_rank == 0:
-            src = dist.get_process_group_ranks(pp_group)[stage]
+                    _broadcast_tensor(pp_group, src, name, tensor)
+                    yield name, tensor
+            _broadcast_meta(pp_group, src, (_DONE, None, None))
+        else:
             while True:
-                name, tensor = _send(pp_group, None, src=src)
+                name, shape, dtype = _broadcast_meta(pp_group, src, None)
                 if name == _DONE:
                     break
-                yield name, tensor
-        elif tp_rank == 0 and pp_rank != stage and first is not None:
-            # Other stages' tensor-rank-0 processes are in the same pipeline group: they receive and drop.
-            src = dist.get_process_group_ranks(pp_group)[stage]
-            while _send(pp_group, None, src=src)[0] != _DONE:
-                pass
+                buffer = torch.empty(shape, dtype=dtype, device=_comm_device())
+                dist.broadcast(buffer, src=src, group=pp_group)
+                yield name, buffer
 
 
-def _send(group, obj, src: int):
-    box = [obj]
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _broadcast_tensor(group, src: int, name: str, tensor: torch.Tensor) -> None:
+    """Name, shape and dtype as a small object, then the tensor itself (no pickling of the data)."""
+    _broadcast_meta(group, src, (name, tuple(tensor.shape), tensor.dtype))
+    dist.broadcast(tensor.detach().contiguous().to(_comm_device()), src=src, group=group)
+
+
+def _broadcast_meta(group, src: int, meta):
+    box = [meta]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]

@@ -185,8 +185,11 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: List[List[int]], n: int, sampling: SamplingConfig,
-                 seed: int) -> RolloutResult:
-        """n samples per prompt. Same (prompts, n, sampling, seed, weights) -> same samples."""
+                 seed: int, first_index: int = 0) -> RolloutResult:
+        """n samples per prompt. Same (prompts, n, sampling, seed, weights) -> same samples.
+
+        Prompt p is seeded as prompt `first_index + p` of the call's seed: a batch split over several
+        engines (each passing its slice's offset) draws the samples one call over the whole batch would."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: NamedTensors) -> None:

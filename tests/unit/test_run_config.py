@@ -57,15 +57,3 @@ def test_override_syntax_errors(tmp_path):
         load_yaml(tmp_path / "missing.yaml")
     # YAML 1.1 leaves 1e-4 a string; overrides still give a float.
     assert apply_overrides({}, ["optim.lr=1e-4", "x=abc"]) == {"optim": {"lr": 1e-4}, "x": "abc"}
-
-
-def test_model_parallel_replicas_with_colocated_vllm_are_refused():
-    """TP / PP / CP > 1 with the in-process engine would hang at start-up: a clear error instead."""
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.trainer import check_colocated_layout
-
-    check_colocated_layout(load_run_config("examples/tiny_cpu.yaml"))  # data parallel only: fine
-    for key in ("tp", "pp", "cp"):
-        cfg = load_run_config("examples/tiny_cpu.yaml", [f"parallel.{key}=2"])
-        with pytest.raises(NotImplementedError, match="parallel.tp \\* pp \\* cp = 2"):
-            check_colocated_layout(cfg)
