@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM logs a line per weight update at INFO; the step line already says what happened (override: set it).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from megatron_gift.resilience import REQUEUE_EXIT_CODE
     from megatron_gift.run_config import load_run_config
     from megatron_gift.trainer import Trainer

@@ -6,11 +6,12 @@ killed with SIGKILL (the whole process group, like a node failure) or stopped wi
 checkpoint, torch.equal), the same sampler position, LR schedule and step, and the same metrics.jsonl
 (timings excluded). A truncated newest checkpoint makes the resume fall back to the previous one, and is
 kept, never deleted. The SIGTERM run saves with the asynchronous writer (the stop waits for it). A 1-process
-checkpoint resumed under DP=2 (torchrun, two engines) continues from the loaded weights. (Resharding to
-TP=2 / PP=2 / DP=2 with equal next-step losses is tested at the checkpoint level in
-tests/distributed/test_checkpoint_reshard.py: the trainer refuses TP/PP > 1 with colocated vLLM for now;
-at DP=2 the rollouts differ, since each replica's engine call is seeded by its first prompt id.)
-Runtime: about 4-6 minutes on 2 cores (7 trainer start-ups of ~20-30 s and a torchrun pair).
+checkpoint resumed under DP=2 and under TP=2 (torchrun, an engine on each rank) takes the next step the
+uninterrupted one-process run took: the same rollouts (seeds follow the prompt's place in the global batch,
+not the layout), so the same rewards, and the same loss to float tolerance; both save their last step through
+the asynchronous writer from two ranks. (Resharding at the checkpoint
+level, PP=2 included, is tests/distributed/test_checkpoint_reshard.py.)
+Runtime: about 5-7 minutes on 2 cores (7 trainer start-ups of ~20-30 s and two torchrun pairs).
 """
 from __future__ import annotations
 
@@ -129,19 +130,28 @@ def test_sigterm_saves_and_exits_with_requeue_code(warm, reference, tmp_path):
 
 
 @pytest.mark.distributed
-def test_one_process_checkpoint_resumes_under_two_data_parallel_ranks(warm, reference, tmp_path):
-    run_dir = tmp_path / "dp2"
+@pytest.mark.parametrize("layout", ["parallel.tp=1", "parallel.tp=2"], ids=["dp2", "tp2"])
+def test_one_process_checkpoint_resumes_at_another_layout(warm, reference, tmp_path, layout):
+    run_dir = tmp_path / "resumed"
     source = reference / "checkpoints" / "step_00000004"
-    overrides = run_overrides(warm, run_dir, 5, save_every=5, extra=[f"trainer.resume={source}"])
+    overrides = run_overrides(warm, run_dir, 5, save_every=5,
+                              extra=[f"trainer.resume={source}", layout, "trainer.async_save=true"])
     proc = run_train(overrides, nproc=2, port=free_port())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "at step 4" in proc.stdout and "layout changed" in proc.stdout
     rows, ref_rows = metrics_rows(run_dir), metrics_rows(reference)
     assert rows[:5] == ref_rows[:5]  # the history up to the checkpoint comes from the checkpoint
     assert rows[5]["step"] == 5
-    # Both replicas' engines sample with the loaded weights: their sampled-token log-probs equal Megatron's
+    # Every engine samples with the loaded weights: their sampled-token log-probs equal Megatron's
     # recomputation with the loaded policy (the warm-start weights they were built with would not).
     assert rows[5]["logprob_mismatch_max"] < 1e-4
+    # The next step is the one the uninterrupted one-process run took.
+    assert rows[5]["reward_mean"] == ref_rows[5]["reward_mean"]
+    assert abs(rows[5]["loss"] - ref_rows[5]["loss"]) <= 1e-5 * max(1.0, abs(ref_rows[5]["loss"])), \
+        (rows[5]["loss"], ref_rows[5]["loss"])
+    # Saved by two ranks through the asynchronous writer: complete (marker, every file's size) and loadable.
+    assert "handed to the async writer" in proc.stdout
+    assert verify(run_dir / "checkpoints" / "step_00000005") is None
     final = checkpoint_plain(run_dir / "checkpoints" / "step_00000005")["gift"]
     assert final["step"] == 5 and final["sampler"]["position"] == 5 * 4
     assert final["scheduler"]["num_steps"] == 5

