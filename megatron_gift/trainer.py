@@ -425,7 +425,7 @@ class Trainer:
 
     def _log_step(self, values: Dict[str, float], total: int) -> None:
         ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
-        self.say(f"[train] step {self.step}/{total} reward {values['reward_mean']:.3f}{ev} "
+        self.say(f"[train] step {self.step}/{total} {progress_bar(self.step, total)} reward {values['reward_mean']:.3f}{ev} "
                  f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s eta {self._eta(total)} "
                  + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
 
@@ -456,6 +456,13 @@ class Trainer:
         self.engine.close()
         self.ft.close()
         self.rt.close()
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A fixed-width text bar for the step line, e.g. `[#####---------------] 25%`."""
+    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+    filled = int(round(frac * width))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {int(frac * 100):3d}%"
 
 
 def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:

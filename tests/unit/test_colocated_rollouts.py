@@ -83,3 +83,4 @@ def test_exchange_over_four_ranks_gives_each_replica_its_share():
         assert res["first_reward"] == float(want[0])
         # 8 groups of 2 samples, rewards gid and 0.5 each: sum = 28 + 4
         assert (res["samples"], res["tokens"], res["r"]) == (16.0, 24.0, 32.0)
+
