@@ -42,6 +42,8 @@ from megatron_gift.utils.dataclass_dict import nearest
 logger = logging.getLogger(__name__)
 
 _SEED_SPACE = 2 ** 32
+# Start-up: vLLM warms up a chat template it cannot have (skip_tokenizer_init) and logs the traceback as a warning.
+_STARTUP_LOGGERS = ("vllm.renderers.base",)
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
                    "vllm.model_executor.model_loader.reload.layerwise")
 
@@ -65,8 +67,9 @@ class VllmEngine(RolloutEngine):
         self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         start = time.perf_counter()
         with _preserve_process_state():
-            from vllm import LLM
-            self.llm = LLM(**config.llm_kwargs(self.on_gpu))
+            from vllm import LLM  # first: importing vLLM configures its loggers
+            with _quiet(_STARTUP_LOGGERS):
+                self.llm = LLM(**config.llm_kwargs(self.on_gpu))
         self.startup_s = time.perf_counter() - start
         logger.info("vLLM engine for %s started in %.1f s", config.model, self.startup_s)
 
@@ -344,14 +347,20 @@ def _preserve_process_state() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet(names) -> Iterator[None]:
-    """Silence vLLM's per-call reload warnings ("weights not loaded") that every partial bucket triggers;
-    completeness is checked over the whole update instead."""
+    """Drop records below ERROR from the given loggers for the block: vLLM's per-call reload warnings ("weights
+    not loaded") that every partial bucket triggers (completeness is checked over the whole update instead),
+    and its start-up chat-template warm-up failure (the engine runs without a tokenizer by design).
+    A filter, not a level: vLLM re-applies its logging dictConfig while an engine starts, which resets the
+    levels of its child loggers (filters survive)."""
     loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.addFilter(_below_error)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

@@ -96,17 +96,19 @@ def shared_warm_start(tmp_path_factory):
 @pytest.mark.distributed
 def test_model_parallel_replicas_match_the_single_process_run(shared_warm_start):
     """TP=2 and PP=2 (one replica of two ranks, a vLLM engine on each, each sampling half the prompts), and
-    TP=2 with one two-rank tensor-parallel engine (the recipes' colocated vLLM TP): every step equals the
+    TP=2 with one two-rank tensor-parallel engine (the recipes' colocated vLLM TP), and DP=2 x TP=2 on four
+    ranks (each replica trains on groups that other ranks' engines sampled): every step equals the
     one-process run (same rollouts, so the same rewards; the loss to float tolerance),
     the trainer's recomputed log-probs match the engines' at every step (the weight push reaches every
     engine), and the Megatron checkpoint TP / PP need is made from the HF warm start once."""
     sets, base = shared_warm_start
     single, _ = _torchrun(base / "tp1", 1, _common(base / "tp1", steps=3) + sets, 29631)
     assert any(abs(r["loss"]) > 1e-3 for r in single[1:]), single  # a comparison of non-trivial losses
-    layouts = (("tp2", ["parallel.tp=2"], 29633), ("pp2", ["parallel.pp=2"], 29635),
-               ("tp2_engine_tp2", ["parallel.tp=2", "rollout.engine.tensor_parallel_size=2"], 29637))
-    for name, layout, port in layouts:
-        rows, out = _torchrun(base / name, 2, _common(base / name, steps=3) + sets + layout, port)
+    layouts = (("tp2", 2, ["parallel.tp=2"], 29633), ("pp2", 2, ["parallel.pp=2"], 29635),
+               ("tp2_engine_tp2", 2, ["parallel.tp=2", "rollout.engine.tensor_parallel_size=2"], 29637),
+               ("dp2_tp2", 4, ["parallel.tp=2"], 29639))
+    for name, nproc, layout, port in layouts:
+        rows, out = _torchrun(base / name, nproc, _common(base / name, steps=3) + sets + layout, port)
         assert "converting" in out and (base / name / "mcore_from_hf" / "megatron_gift_conversion.json").is_file()
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert rows[0]["eval/reward_mean"] == single[0]["eval/reward_mean"], name  # same greedy answers
