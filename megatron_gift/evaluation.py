@@ -170,7 +170,7 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
         ids = [r.prompt_ids for r in recs]
         if settings.greedy:
             texts = [tokenizer.decode(o) for o in engine.greedy(ids, settings.max_new_tokens)]
-            scores = _score(rewards, recs, texts)
+            scores = rewards.score_records(recs, texts).total
             for i, text, score in zip(batch, texts, scores):
                 rows[i].greedy_response, rows[i].greedy_reward = text, score
         if settings.k:
@@ -178,16 +178,12 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
             # both recorded in the report's settings.
             result = engine.generate(ids, settings.k, settings.sampling(), seed=settings.seed * 1_000_003 + batch[0])
             texts = [tokenizer.decode(s.token_ids) for group in result.samples for s in group]
-            scores = _score(rewards, [r for r in recs for _ in range(settings.k)], texts)
+            scores = rewards.score_records([r for r in recs for _ in range(settings.k)], texts).total
             for j, i in enumerate(batch):
                 part = slice(j * settings.k, (j + 1) * settings.k)
                 rows[i].sample_responses, rows[i].sample_rewards = texts[part], scores[part]
         log(f"[eval] {batch.stop}/{count} prompts ({time.perf_counter() - start:.1f} s)")
     return rows
-
-
-def _score(rewards, records, texts: List[str]) -> List[float]:
-    return rewards.score([r.text for r in records], texts, [r.reward_metadata() for r in records]).total
 
 
 def summarize(rows: Sequence[PromptRow], settings: EvalSettings) -> Dict[str, float]:

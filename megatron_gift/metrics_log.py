@@ -1,7 +1,8 @@
 """Per-step metrics sinks: a jsonl file (always), tensorboard (when importable), wandb (when asked).
 
 Owns the run directory's `metrics.jsonl` format: one JSON object per step with `step` and float
-values; nothing else writes it. Only the logging rank creates a MetricsLog.
+values; nothing else writes it. Only the logging rank creates a MetricsLog. Also the step line's text
+progress bar.
 """
 from __future__ import annotations
 
@@ -76,3 +77,10 @@ def read_metrics(path: str | Path) -> list:
     if path.is_dir():
         path = path / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A fixed-width text bar for the step line, e.g. `[#####---------------] 25%`."""
+    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+    filled = int(round(frac * width))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {int(frac * 100):3d}%"

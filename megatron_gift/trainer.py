@@ -13,16 +13,11 @@ Long runs: a checkpoint every `trainer.save_every` steps, at the end and when a 
 or wall-clock budget, agreed by all ranks after each step, resilience.py); `trainer.resume` picks what to
 start from (checkpoint/manager.py). A checkpoint holds what makes the continuation bitwise identical on
 CPU: weights, optimizer, LR schedule, sampler position, step, every rank's RNG states and the metrics
-history. Rollout seeds are a function of (seed, step, prompt id), so the engine needs only the weights,
-pushed to it right after loading.
+history (trainer_checkpoint.py). The engines need only the weights, pushed to them right after loading.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,24 +27,27 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.algo import build_loss, check_loss_inputs
-from megatron_gift.algo.packing import RolloutGroup, pack_microbatches, shard_groups
+from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
 from megatron_gift.checkpoint import manager as ckpt_files
 from megatron_gift.checkpoint.hf_arch import load_hf_arch
-from megatron_gift.config import to_plain, write_resolved
+from megatron_gift.config import write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
 from megatron_gift.fault_tolerance import FaultTolerance
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
+from megatron_gift.mcore.convert import convert_for_model_parallel
 from megatron_gift.mcore.model import recompute_kwargs
 from megatron_gift.mcore.precision import check_fp8_supported, transformer_precision_kwargs
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
 from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_model
-from megatron_gift.metrics_log import MetricsLog
+from megatron_gift.metrics_log import MetricsLog, progress_bar
 from megatron_gift.resilience import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
-from megatron_gift.rollout.colocated import EnginePlacement, RolloutStats, balanced_slice, exchange_groups
+from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, balanced_slice, exchange_groups,
+                                             sum_over_world)
 from megatron_gift.run_config import RunConfig
+from megatron_gift.trainer_checkpoint import TrainerCheckpointing
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -61,7 +59,7 @@ def engine_placement(cfg: RunConfig, rank: int, world_size: int) -> EnginePlacem
     return EnginePlacement(rank, world_size, int(cfg.rollout.engine.get("tensor_parallel_size", 1)))
 
 
-class Trainer:
+class Trainer(TrainerCheckpointing):
     """Build everything from a RunConfig on this rank, then `run()` the configured number of steps."""
 
     def __init__(self, cfg: RunConfig, log=print):
@@ -194,8 +192,7 @@ class Trainer:
             with self.timed("score"):
                 flat = result.flat()
                 texts = [self.tokenizer.decode(ids) for ids in flat.response_token_ids]
-                scored = self.rewards.score([records[p].text for p in flat.prompt_index], texts,
-                                            [records[p].reward_metadata() for p in flat.prompt_index])
+                scored = self.rewards.score_records([records[p] for p in flat.prompt_index], texts)
                 local = result.to_groups(torch.tensor(scored.total, dtype=torch.float32),
                                          group_ids=[start + p for p in range(len(records))])
                 stats = RolloutStats(samples=float(len(texts)), tokens=float(result.num_response_tokens),
@@ -247,13 +244,9 @@ class Trainer:
                                       self.cfg.rollout.sampling.max_new_tokens) if records else []
             total = 0.0
             if self.placement.is_engine_leader and records:
-                total = float(sum(self.rewards.score([r.text for r in records],
-                                                     [self.tokenizer.decode(o) for o in outs],
-                                                     [r.reward_metadata() for r in records]).total))
-            summed = torch.tensor([total], dtype=torch.float64, device=self.rt.device)
-            if self.rt.world_size > 1:
-                dist.all_reduce(summed)
-        return {"eval/reward_mean": float(summed[0]) / count}
+                total = sum(self.rewards.score_records(records, [self.tokenizer.decode(o) for o in outs]).total)
+            summed = sum_over_world([total], self.rt.device)[0]
+        return {"eval/reward_mean": summed / count}
 
     def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
         """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
@@ -272,73 +265,6 @@ class Trainer:
                 matches += int(ours == list(theirs))
         model.train()
         return matches / len(prompts)
-
-    # ----- checkpoints ------------------------------------------------------------------------------
-    def fingerprint(self) -> Dict[str, object]:
-        """Config items a checkpoint must agree with to be resumed by this run (the layout may differ)."""
-        a, cfg = self.arch, self.cfg
-        model = {k: getattr(a, k) for k in ("model_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads",
-                                            "num_kv_heads", "head_dim", "vocab_size", "tie_embeddings", "qkv_bias",
-                                            "qk_norm")}
-        model["padded_vocab_size"] = a.padded_vocab_size(cfg.model.vocab_multiple)
-        return {"model": model, "precision": {"dtype": cfg.precision.dtype},
-                "loss": {"name": cfg.loss.name, "anchor": getattr(self.loss, "anchor", None)},
-                "optim": {"use_distributed_optimizer": cfg.parallel.use_distributed_optimizer}}
-
-    def _layout(self) -> Dict[str, object]:
-        p = self.cfg.parallel
-        return {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": self.rt.dp}
-
-    def save_checkpoint(self) -> None:
-        """All ranks: write this step's checkpoint into a tmp dir; committed (marker + rename) when complete."""
-        start, step = time.perf_counter(), self.step
-        if self.async_saver is not None:
-            self.async_saver.poll(blocking=True)  # one save in flight at a time
-        tmp = self.checkpoints.begin(step)
-        rng_dir = tmp / "rng"
-        rng_dir.mkdir(exist_ok=True)
-        torch.save(dist_ckpt.capture_rng_state(), rng_dir / f"rank_{self.rt.rank:05d}.pt")
-        if self.rt.rank == 0:
-            (tmp / "model").mkdir()
-            meta = {"format_version": ckpt_files.FORMAT_VERSION, "step": step, "fingerprint": self.fingerprint(),
-                    "layout": self._layout(), "optimizer_sharding": dist_ckpt.OPTIM_SHARDING,
-                    "config": to_plain(self.cfg)}
-            (tmp / ckpt_files.METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-            if self.metrics is not None and self.metrics.path.exists():
-                shutil.copyfile(self.metrics.path, tmp / "metrics.jsonl")
-        dist.barrier()
-        plain = {"gift": {"step": step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()}}
-        request = dist_ckpt.save_training_state(self.model, self.optimizer, plain, tmp / "model",
-                                                async_save=self.async_saver is not None)
-        if request is None:
-            self.checkpoints.commit(tmp, step)
-        else:
-            self.async_saver.submit(request, lambda: self.checkpoints.commit(tmp, step), what=str(tmp))
-        seconds = time.perf_counter() - start
-        self.stop.note_save(seconds)
-        self.say(f"[checkpoint] step {step} " + (f"saved in {seconds:.2f}s" if request is None
-                                                  else f"handed to the async writer in {seconds:.2f}s"))
-
-    def load_checkpoint(self, path: Path) -> None:
-        """All ranks: weights, optimizer, schedule, sampler, step (any layout); RNG states when the layout is
-        the one saved; then the engine gets the loaded weights."""
-        start = time.perf_counter()
-        plain = dist_ckpt.load_training_state(self.model, self.optimizer, path / "model")["gift"]
-        self.scheduler.load_state_dict(plain["scheduler"])
-        self.sampler.load_state_dict(plain["sampler"])
-        self.step = int(plain["step"])
-        self.sync_weights()
-        saved_layout = ckpt_files.read_metadata(path)["layout"]
-        if saved_layout == self._layout():
-            dist_ckpt.restore_rng_state(torch.load(path / "rng" / f"rank_{self.rt.rank:05d}.pt", weights_only=False))
-            note = "RNG states restored"
-        else:
-            note = f"layout changed from {saved_layout}: RNG states stay seeded from trainer.seed"
-        self.say(f"[checkpoint] resumed from {path} at step {self.step} in {time.perf_counter() - start:.2f}s ({note})")
-
-    def _save_due(self) -> bool:
-        every, total = self.cfg.trainer.save_every, self.cfg.trainer.steps
-        return every > 0 and (self.step % every == 0 or self.step == total)
 
     def _end_of_step(self, values: Dict[str, float]) -> None:
         """Stop decision (one all-reduce over the world), then a checkpoint if due or a stop was agreed."""
@@ -456,45 +382,6 @@ class Trainer:
         self.engine.close()
         self.ft.close()
         self.rt.close()
-
-
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    """A fixed-width text bar for the step line, e.g. `[#####---------------] 25%`."""
-    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
-    filled = int(round(frac * width))
-    return f"[{'#' * filled}{'-' * (width - filled)}] {int(frac * 100):3d}%"
-
-
-def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:
-    """Make (once) the Megatron checkpoint that TP / PP > 1 loads, with tools/convert_hf_to_mcore.py in a
-    separate process (the converter builds a one-process TP=1 model; this process is already in the job's
-    layout). An existing conversion of the same source is reused."""
-    from megatron_gift.mcore.convert import read_conversion_info
-    source = str(Path(hf_dir).absolute())
-    if (out / "megatron_gift_conversion.json").exists():
-        info = read_conversion_info(out)
-        if info.get("source") == source and info.get("vocab_multiple") == vocab_multiple and \
-                info.get("dtype") == dtype:
-            log(f"[train] reusing the Megatron checkpoint {out} converted from {hf_dir}")
-            return
-        raise ValueError(f"{out} holds a conversion of {info.get('source')} ({info.get('dtype')}, vocab multiple "
-                         f"{info.get('vocab_multiple')}), not of {source} ({dtype}, {vocab_multiple}): remove it or set "
-                         "model.mcore_dir")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf_to_mcore.py"
-    if not tool.is_file():
-        raise FileNotFoundError(f"TP or PP > 1 needs model.mcore_dir (a Megatron checkpoint of {hf_dir}); {tool} "
-                                "is not there to make one: convert with tools/convert_hf_to_mcore.py from a checkout")
-    log(f"[train] converting {hf_dir} into a Megatron checkpoint at {out} (TP or PP > 1 loads one)")
-    cmd = [sys.executable, str(tool), "--hf-dir", str(hf_dir), "--out", str(out), "--dtype", dtype,
-           "--vocab-multiple", str(vocab_multiple), "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}  # a one-process job of its own
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"converting {hf_dir} failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-
-
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
 
 def _megatron_greedy(model, prompt, steps: int, vocab: int, device) -> list:

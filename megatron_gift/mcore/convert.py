@@ -11,13 +11,18 @@ A training checkpoint's model part has the same keys, possibly under a prefix: e
 and a directory holding config.json + megatron_gift_conversion.json beside the dist checkpoint.
 
 Owns: streaming HF tensors into a model built for TP=1/PP=1, saving it, loading it into a model of any
-layout, and streaming a checkpoint back out as HF tensors one layer at a time (peak ~ one layer).
+layout, and streaming a checkpoint back out as HF tensors one layer at a time (peak ~ one layer); the
+trainer's one-off conversion for TP / PP > 1 (`convert_for_model_parallel`, the converter CLI in a process
+of its own).
 Does not own: names / transforms (checkpoint/mapping.py), HF files (checkpoint/hf.py).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -246,3 +251,34 @@ def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str
     tp = parallel_state.get_tensor_model_parallel_world_size()
     gathered = ((n, _gather_tp(n, p, tp_group, tp)) for n, p in model.named_parameters())
     yield from mcore_to_hf_tensors(None, gathered, layer_offset=offset, arch=arch)
+
+
+def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:
+    """Make (once) the Megatron checkpoint that TP / PP > 1 loads, with tools/convert_hf_to_mcore.py in a
+    separate process (the converter builds a one-process TP=1 model; this process is already in the job's
+    layout). An existing conversion of the same source is reused."""
+    source = str(Path(hf_dir).absolute())
+    if (out / CONVERSION_INFO).exists():
+        info = read_conversion_info(out)
+        if info.get("source") == source and info.get("vocab_multiple") == vocab_multiple and \
+                info.get("dtype") == dtype:
+            log(f"[train] reusing the Megatron checkpoint {out} converted from {hf_dir}")
+            return
+        raise ValueError(f"{out} holds a conversion of {info.get('source')} ({info.get('dtype')}, vocab multiple "
+                         f"{info.get('vocab_multiple')}), not of {source} ({dtype}, {vocab_multiple}): remove it or set "
+                         "model.mcore_dir")
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_to_mcore.py"
+    if not tool.is_file():
+        raise FileNotFoundError(f"TP or PP > 1 needs model.mcore_dir (a Megatron checkpoint of {hf_dir}); {tool} "
+                                "is not there to make one: convert with tools/convert_hf_to_mcore.py from a checkout")
+    log(f"[train] converting {hf_dir} into a Megatron checkpoint at {out} (TP or PP > 1 loads one)")
+    cmd = [sys.executable, str(tool), "--hf-dir", str(hf_dir), "--out", str(out), "--dtype", dtype,
+           "--vocab-multiple", str(vocab_multiple), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}  # a one-process job of its own
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {hf_dir} failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")

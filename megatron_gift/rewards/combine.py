@@ -7,7 +7,7 @@ and replacement counts kept for logging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from megatron_gift.rewards.base import RewardFn, check_inputs, check_rewards
 from megatron_gift.rewards.registry import build_reward
@@ -97,6 +97,11 @@ class CombinedReward:
 
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         return self.score(prompts, responses, metadata).total
+
+    def score_records(self, records: Sequence[Any], responses: list[str]) -> RewardResult:
+        """score() for prompt records (anything with `.text` and `.reward_metadata()`, e.g. data's
+        PromptRecord), one record per response."""
+        return self.score([r.text for r in records], responses, [r.reward_metadata() for r in records])
 
 
 def build_rewards(config: RewardConfig | Mapping[str, Any]) -> CombinedReward:

@@ -91,6 +91,14 @@ def exchange_groups(local: List[RolloutGroup], wanted: Tuple[int, int], placemen
     return mine
 
 
+def sum_over_world(values: Sequence[float], device: torch.device) -> List[float]:
+    """Element-wise sums of `values` over every rank (float64, one all-reduce; as given in one process)."""
+    vec = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+    return vec.tolist()
+
+
 @dataclass
 class RolloutStats:
     """What the engines produced in one step, summed over engines: samples, response tokens, reward terms."""
@@ -102,11 +110,7 @@ class RolloutStats:
     def reduced(self, term_names: Sequence[str], device: torch.device) -> "RolloutStats":
         """Sum over every rank of the world (non-leaders hold zeros); one all-reduce, the same on all ranks."""
         sums = self.term_sums or {}
-        vec = torch.tensor([self.samples, self.tokens] + [sums.get(k, 0.0) for k in term_names],
-                           dtype=torch.float64, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vec)
-        values = vec.tolist()
+        values = sum_over_world([self.samples, self.tokens] + [sums.get(k, 0.0) for k in term_names], device)
         return RolloutStats(samples=values[0], tokens=values[1], term_sums=dict(zip(term_names, values[2:])))
 
     def term_means(self) -> Dict[str, float]:

@@ -1,8 +1,8 @@
-"""Small pure helpers of the trainer (no process group, no engine)."""
+"""Small pure helpers the trainer uses: the step line's progress bar, the run dir's HF -> Megatron conversion."""
 
 
 def test_progress_bar_of_the_step_line():
-    from megatron_gift.trainer import progress_bar
+    from megatron_gift.metrics_log import progress_bar
     assert progress_bar(0, 50) == "[--------------------]   0%"
     assert progress_bar(10, 40) == "[#####---------------]  25%"
     assert progress_bar(50, 50) == "[####################] 100%"
@@ -15,7 +15,7 @@ def test_conversion_for_model_parallel_reuses_its_own_and_refuses_another(tmp_pa
 
     import pytest
 
-    from megatron_gift.trainer import convert_for_model_parallel
+    from megatron_gift.mcore.convert import convert_for_model_parallel
     out = tmp_path / "mcore_from_hf"
     out.mkdir()
     info = {"format_version": 1, "source": str((tmp_path / "hf").absolute()), "dtype": "float32", "vocab_multiple": 128}
