@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
     "pyyaml",
     "tqdm",
     "tensorboard",
-    "matplotlib",  # tools/plot_metrics.py
+    "matplotlib",  # megatron_gift/cli/plot.py
     # 0.4.1 is the release that installs on glibc 2.36 and coexists with megatron-core 0.16.1.
     "nvidia-resiliency-ext>=0.4.1",
 ]
@@ -44,5 +44,12 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         "trl": ["trl==1.16.0"],
     },
-    entry_points={"console_scripts": ["megatron-gift-train=megatron_gift.train:main"]},
+    entry_points={"console_scripts": [
+        "megatron-gift-train=megatron_gift.cli.train:main",
+        "megatron-gift-dry-run=megatron_gift.cli.dry_run:main",
+        "megatron-gift-convert-hf-to-mcore=megatron_gift.cli.convert_hf_to_mcore:main",
+        "megatron-gift-convert-mcore-to-hf=megatron_gift.cli.convert_mcore_to_hf:main",
+        "megatron-gift-evaluate=megatron_gift.cli.evaluate:main",
+        "megatron-gift-plot=megatron_gift.cli.plot:main",
+    ]},
 )

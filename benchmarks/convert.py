@@ -49,8 +49,8 @@ def child(mode: str, src: Path, dst: Path) -> dict:
     from safetensors.torch import save_file
 
     import megatron_gift.mcore.convert  # noqa: F401
-    from tools.convert_hf_to_mcore import convert
-    from tools.convert_mcore_to_hf import export
+    from megatron_gift.cli.convert_hf_to_mcore import convert
+    from megatron_gift.cli.convert_mcore_to_hf import export
 
     shutil.rmtree(dst, ignore_errors=True)
     before = _rss_bytes()

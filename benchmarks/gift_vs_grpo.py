@@ -57,8 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_shared_inputs(config: str, out: Path, overrides: List[str]) -> List[str]:
     """The warm start and the task, made once in OUT/shared; overrides that point every run at them."""
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.warmstart import prepare_demo_inputs
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.demo.warmstart import prepare_demo_inputs
 
     cfg = load_run_config(config, overrides)
     if not cfg.model.hf_dir:
@@ -97,7 +97,7 @@ def moving_average(values: List[float], k: int) -> List[float]:
 
 
 def summarize_run(run_dir: Path, threshold: float) -> Dict[str, object]:
-    from megatron_gift.metrics_log import read_metrics
+    from megatron_gift.trainer.report import read_metrics
 
     rows = read_metrics(run_dir)
     train = [(r["step"], r["reward_mean"]) for r in rows if r.get("reward_mean") is not None]

@@ -103,8 +103,8 @@ def ours_config(spec: dict, loss: str, rollout_dtype: str) -> dict:
 def ours_worker(spec: dict, conn, loss: str, rollout_dtype: str) -> None:
     import torch
 
-    from megatron_gift.run_config import run_config_from_dict
-    from megatron_gift.trainer import Trainer
+    from megatron_gift.config.run import run_config_from_dict
+    from megatron_gift.trainer.trainer import Trainer
 
     torch.set_num_threads(spec["args"]["threads"])
     start = time.perf_counter()

@@ -4,7 +4,7 @@
 #
 # Arguments: [--dry-run] [--set key=value ...]   (DRY_RUN=1 works too; --set goes to the dry run and trainer)
 #
-# --dry-run (no cluster needed): `python -m megatron_gift.dry_run` for the script's world size (layout +
+# --dry-run (no cluster needed): `python -m megatron_gift.cli.dry_run` for the script's world size (layout +
 #   per-GPU memory) and the commands a job would run.
 # In a job: the dry run again as a preflight (PREFLIGHT=1), the HF -> Megatron conversion when MCORE_DIR is
 #   missing (CONVERT=1; else it stops and prints the command), then one srun task per node running
@@ -13,7 +13,7 @@
 #   (#SBATCH --signal=B:USR1@600); the trap forwards it to the job step (srun passes USR1 on to its tasks;
 #   node_launch.sh turns it into SIGTERM for the launcher, which gives the workers STOP_GRACE_S seconds). The
 #   trainer finishes its step, saves, writes REQUEUE_FILE into its checkpoint directory and exits with
-#   REQUEUE_EXIT_CODE (both from megatron_gift/resilience.py). A launcher reports 1 for any failed worker, so
+#   REQUEUE_EXIT_CODE (both from megatron_gift/resilience/stop.py). A launcher reports 1 for any failed worker, so
 #   this script requeues (`scontrol requeue $SLURM_JOB_ID`) when that file exists or srun returned the code.
 #   The requeued job runs this script again and resumes from the newest complete checkpoint.
 set -uo pipefail
@@ -57,21 +57,21 @@ if [[ -n "$CONTAINER_IMAGE" ]]; then
 fi
 
 # What the installed package provides: whether ParallelConfig has a `recompute` key yet (see RECOMPUTE in
-# cluster.env), and the trainer's requeue protocol from the module that owns it (megatron_gift/resilience.py).
+# cluster.env), and the trainer's requeue protocol from the module that owns it (megatron_gift/resilience/stop.py).
 probe_package() {
     local out
     out="$("${@}" "$PYTHON" -c '
 import dataclasses
-from megatron_gift.config import ParallelConfig
+from megatron_gift.config.schema import ParallelConfig
 print(int("recompute" in {f.name for f in dataclasses.fields(ParallelConfig)}), end=" ")
 try:
-    from megatron_gift.resilience import REQUEUE_EXIT_CODE, REQUEUE_FILE
+    from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE, REQUEUE_FILE
     print(REQUEUE_EXIT_CODE, REQUEUE_FILE)
 except ImportError:
     print("- -")' 2> /dev/null)" || die "cannot import megatron_gift with $PYTHON${CONTAINER_IMAGE:+ (container)}"
     read -r HAS_RECOMPUTE_KEY REQUEUE_EXIT_CODE REQUEUE_FILE <<< "$out"
     if [[ "$REQUEUE_EXIT_CODE" == - ]]; then
-        echo "[gift] megatron_gift.resilience not importable: requeue code $REQUEUE_EXIT_CODE_FALLBACK," \
+        echo "[gift] megatron_gift.resilience.stop not importable: requeue code $REQUEUE_EXIT_CODE_FALLBACK," \
              "file $REQUEUE_FILE_FALLBACK (slurm/cluster.env fallbacks)"
         REQUEUE_EXIT_CODE="$REQUEUE_EXIT_CODE_FALLBACK" REQUEUE_FILE="$REQUEUE_FILE_FALLBACK"
     fi
@@ -88,7 +88,7 @@ if [[ -n "$RECOMPUTE" ]]; then
     else recompute_what_if=(--recompute "$RECOMPUTE"); fi
 fi
 
-dry_run_cmd=("$PYTHON" -m megatron_gift.dry_run "$GIFT_RECIPE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE"
+dry_run_cmd=("$PYTHON" -m megatron_gift.cli.dry_run "$GIFT_RECIPE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE"
              --gpu-mem-gib "$GPU_MEM_GIB" "${recompute_what_if[@]}" "${recompute_sets[@]}" "${EXTRA_SETS[@]}")
 train_args=("$GIFT_RECIPE" --resume auto
             --set "model.hf_dir=$HF_DIR" --set "model.mcore_dir=$MCORE_DIR"

@@ -24,7 +24,7 @@ from megatron_gift.algo.group_stats import (
     sequence_sum,
     zero_variance_groups,
 )
-from megatron_gift.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
+from megatron_gift.algo.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
 
 GradMode = Literal["detached", "full"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_gift.algo.group_stats import group_advantages, sequence_sum, zero_variance_groups
-from megatron_gift.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
+from megatron_gift.algo.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
 
 
 @dataclass

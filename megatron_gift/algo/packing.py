@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_gift.algo.validate import GroupSplitError
-from megatron_gift.types import LossInputs, Tensor
+from megatron_gift.algo.types import LossInputs, Tensor
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from megatron_gift.types import LossInputs, Tensor
+from megatron_gift.algo.types import LossInputs, Tensor
 
 
 class GroupSplitError(ValueError):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron_gift.checkpoint.hf import CheckpointError
+from megatron_gift.hf.files import CheckpointError
 
 MARKER = "complete.json"
 METADATA = "gift_checkpoint.json"

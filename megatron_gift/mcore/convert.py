@@ -32,9 +32,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_gift.checkpoint.hf import CheckpointError, HFReader
-from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, load_hf_arch
-from megatron_gift.checkpoint.mapping import (
+from megatron_gift.hf.files import CheckpointError, HFReader
+from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, load_hf_arch
+from megatron_gift.hf.mapping import (
     Entry,
     hf_to_mcore_tensors,
     mapping_entries,
@@ -254,7 +254,7 @@ def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str
 
 
 def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:
-    """Make (once) the Megatron checkpoint that TP / PP > 1 loads, with tools/convert_hf_to_mcore.py in a
+    """Make (once) the Megatron checkpoint that TP / PP > 1 loads, with the converter command in a
     separate process (the converter builds a one-process TP=1 model; this process is already in the job's
     layout). An existing conversion of the same source is reused."""
     source = str(Path(hf_dir).absolute())
@@ -267,12 +267,8 @@ def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multipl
         raise ValueError(f"{out} holds a conversion of {info.get('source')} ({info.get('dtype')}, vocab multiple "
                          f"{info.get('vocab_multiple')}), not of {source} ({dtype}, {vocab_multiple}): remove it or set "
                          "model.mcore_dir")
-    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_to_mcore.py"
-    if not tool.is_file():
-        raise FileNotFoundError(f"TP or PP > 1 needs model.mcore_dir (a Megatron checkpoint of {hf_dir}); {tool} "
-                                "is not there to make one: convert with tools/convert_hf_to_mcore.py from a checkout")
     log(f"[train] converting {hf_dir} into a Megatron checkpoint at {out} (TP or PP > 1 loads one)")
-    cmd = [sys.executable, str(tool), "--hf-dir", str(hf_dir), "--out", str(out), "--dtype", dtype,
+    cmd = [sys.executable, "-m", "megatron_gift.cli.convert_hf_to_mcore", "--hf-dir", str(hf_dir), "--out", str(out), "--dtype", dtype,
            "--vocab-multiple", str(vocab_multiple), "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}  # a one-process job of its own
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -25,7 +25,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
+from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

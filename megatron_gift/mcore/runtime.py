@@ -19,8 +19,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_gift.checkpoint.hf import HFReader
-from megatron_gift.checkpoint.hf_arch import HFArch
+from megatron_gift.hf.files import HFReader
+from megatron_gift.hf.arch import HFArch
 from megatron_gift.mcore.convert import copy_hf_into_model, load_mcore_checkpoint
 from megatron_gift.mcore.model import build_gpt_model
 from megatron_gift.mcore.parallel import destroy_parallel, initialize_parallel
@@ -60,7 +60,7 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
         stack.callback(_restore_env, key, os.environ.get(key))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # single process: any free port, so several runs can share a host
-        from megatron_gift.mcore.harness import free_port
+        from megatron_gift.mcore.testing.harness import free_port
         os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
     cuda = torch.cuda.is_available()
     if cuda:

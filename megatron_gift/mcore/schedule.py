@@ -30,7 +30,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
-from megatron_gift.types import LossInputs, Tensor, is_max_metric, reduce_metrics
+from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
 
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_gift.checkpoint.hf_arch import HFArch
+from megatron_gift.hf.arch import HFArch
 from megatron_gift.mcore.convert import iter_model_as_hf
 
 _DONE = "__end_of_stage__"

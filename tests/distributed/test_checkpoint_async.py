@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.checkpoint.manager import CheckpointManager, verify
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_checkpoint_reshard import _microbatches, _setup, _steps
 from tests.distributed.test_gift_schedule import make_groups
 

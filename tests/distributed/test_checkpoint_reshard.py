@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.tiny_gpt import VOCAB, _build_model, _config
 

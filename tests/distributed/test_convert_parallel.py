@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.convert_checks import tokens
 from tests.tiny_hf import make_tiny_model, tiny_configs
-from tools.convert_hf_to_mcore import convert
+from megatron_gift.cli.convert_hf_to_mcore import convert
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-4
@@ -38,7 +38,7 @@ def converted(tmp_path_factory):
 
 def _max_diffs(rank: int, world_size: int, cases: dict) -> dict:
     """On each rank: build this stage's model, load the checkpoint, compare full logits on the last stage."""
-    from megatron_gift.checkpoint.hf_arch import load_hf_arch
+    from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.convert import iter_model_as_hf, load_mcore_checkpoint
     from megatron_gift.mcore.model import build_gpt_model
     from tests.convert_checks import full_logits
@@ -76,7 +76,7 @@ def test_logits_match_under_layout(converted, tp, pp):
 
 def _policy_stream(rank: int, world_size: int, cases: dict) -> dict:
     """The trainer's weight-sync stream (iter_policy_as_hf): what this rank's engine would receive."""
-    from megatron_gift.checkpoint.hf_arch import load_hf_arch
+    from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.convert import load_mcore_checkpoint
     from megatron_gift.mcore.model import build_gpt_model
     from megatron_gift.mcore.weight_sync import iter_policy_as_hf

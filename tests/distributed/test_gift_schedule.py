@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_gift.algo.packing import RolloutGroup
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
 
 ATOL, RTOL = 2e-5, 1e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.tiny_gpt import VOCAB, _build_model, _config
 
@@ -61,7 +61,7 @@ def _cp_sums(rank, world_size, tokens, logits_table, mask, rewards):
 
     from megatron_gift.algo import GIFTConfig, GIFTLoss
     from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
-    from megatron_gift.types import LossInputs
+    from megatron_gift.algo.types import LossInputs
 
     cp_group = ps.get_context_parallel_group()
     table = logits_table.clone().requires_grad_(True)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.mcore.cpu_compat import cpu_compat_active
-from megatron_gift.mcore.harness import DistributedRunError, run_distributed
+from megatron_gift.mcore.testing.harness import DistributedRunError, run_distributed
 from megatron_gift.mcore.parallel import check_parallel_sizes
 
 

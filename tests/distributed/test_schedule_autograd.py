@@ -4,7 +4,7 @@ path (no vocab-parallel function, no Megatron schedule, no loss-scaling contract
 import pytest
 import torch
 
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.tiny_gpt import VOCAB, _build_model, _config
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import torch
 
-from megatron_gift.mcore.harness import run_distributed
+from megatron_gift.mcore.testing.harness import run_distributed
 
 from tests.distributed.tiny_gpt import (  # noqa: F401  (shared with the schedule tests)
     ATOL, BATCH, HEADS, HIDDEN, LAYERS, RTOL, SEQ, VOCAB, _assemble_grads, _build_model, _config, _global_name,

@@ -61,7 +61,7 @@ def _rank_view(rank: int, world_size: int):
 
 
 def test_harness_ranks_are_cpu_processes_on_a_gpu_host():
-    from megatron_gift.mcore.harness import run_distributed
+    from megatron_gift.mcore.testing.harness import run_distributed
     before = _targets()
     (out,) = run_distributed(_rank_view, 1, timeout=120)
     assert out == dict(cuda=False, compat=True, device="cpu")

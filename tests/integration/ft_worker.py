@@ -2,7 +2,7 @@
 ft_launcher (trainer arguments, as slurm/gift_job.sh passes them, are ignored except trainer.save_dir).
 
 Every step all-reduces a gradient over gloo, takes an SGD step and sends a heartbeat through
-megatron_gift.fault_tolerance; rank 0 then saves {step, weight} atomically to OUT_DIR/ckpt.pt, which every
+megatron_gift.resilience.fault_tolerance; rank 0 then saves {step, weight} atomically to OUT_DIR/ckpt.pt, which every
 rank resumes from after a restart, and each rank appends {restart, step, active, weight} to
 OUT_DIR/rank{R}.jsonl. The final weight is -0.3 x STEPS whatever was restarted.
 On the first attempt only (TORCHELASTIC_RESTART_COUNT == 0) MODE injects a fault at step FAULT_STEP:
@@ -11,7 +11,7 @@ On the first attempt only (TORCHELASTIC_RESTART_COUNT == 0) MODE injects a fault
   stop      every rank asks the launcher not to restart (request_shutdown) and exits with code 75;
   none      no fault.
 In mode none a stop signal (SIGTERM / SIGUSR1, as the launcher forwards it) ends the current step; then rank 0
-writes the requeue file into trainer.save_dir (the trainer's protocol, megatron_gift/resilience.py), every rank
+writes the requeue file into trainer.save_dir (the trainer's protocol, megatron_gift/resilience/stop.py), every rank
 records {"event": SIGNAME} and exits with the requeue code 75.
 """
 import json
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_gift.fault_tolerance import FaultTolerance
+from megatron_gift.resilience.fault_tolerance import FaultTolerance
 
 FAULT_STEP = 2
 

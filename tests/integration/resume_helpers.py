@@ -31,8 +31,8 @@ def make_warm_model(root: Path) -> Dict[str, str]:
     """The tiny Llama and its arithmetic data, made once (what the trainer's warm start would make)."""
     from megatron_gift.data import make_arithmetic_dataset
     from megatron_gift.data.builtin import builtin_arithmetic_paths
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.warmstart import make_warmstart_model
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.demo.warmstart import make_warmstart_model
 
     cfg = load_run_config(CONFIG, WARM)
     ws = cfg.warmstart

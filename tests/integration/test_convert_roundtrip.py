@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.tiny_hf import make_tiny_model, tiny_configs
-from tools.convert_hf_to_mcore import convert
-from tools.convert_mcore_to_hf import export
+from megatron_gift.cli.convert_hf_to_mcore import convert
+from megatron_gift.cli.convert_mcore_to_hf import export
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = tiny_configs()

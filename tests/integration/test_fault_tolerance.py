@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gift.fault_tolerance import MONITOR_SOCKET_ENV, FaultTolerance
-from megatron_gift.mcore.harness import free_port
+from megatron_gift.resilience.fault_tolerance import MONITOR_SOCKET_ENV, FaultTolerance
+from megatron_gift.mcore.testing.harness import free_port
 
 pytest.importorskip("nvidia_resiliency_ext.fault_tolerance")
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from megatron_gift.checkpoint.manager import MARKER, verify
-from megatron_gift.mcore.harness import free_port
-from megatron_gift.resilience import REQUEUE_EXIT_CODE, REQUEUE_FILE
+from megatron_gift.mcore.testing.harness import free_port
+from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE, REQUEUE_FILE
 from tests.integration.resume_helpers import (
     checkpoint_plain,
     checkpoint_tensors,

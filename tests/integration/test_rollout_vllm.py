@@ -267,7 +267,7 @@ def test_update_invalidates_prefix_cache(setup):
 def test_update_from_megatron_names_through_mapping(setup):
     """The trainer's path: Megatron-layout tensors -> checkpoint.mapping.mcore_to_hf_tensors (a stream in
     Megatron parameter order) -> update_weights. The result must equal transformers with those weights."""
-    from megatron_gift.checkpoint.mapping import hf_to_mcore_tensors, mcore_to_hf_tensors, parse_hf_config
+    from megatron_gift.hf.mapping import hf_to_mcore_tensors, mcore_to_hf_tensors, parse_hf_config
 
     _, engine, model = setup
     original = _params(model)

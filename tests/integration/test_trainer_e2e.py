@@ -24,8 +24,8 @@ def _common(run_dir, steps=2):
 
 @pytest.mark.parametrize("loss", ["gift", "grpo"])
 def test_single_process_steps_and_weight_sync(tmp_path, loss):
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.trainer import Trainer
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.trainer.trainer import Trainer
 
     overrides = _common(tmp_path / "run") + [f"loss.name={loss}"]
     if loss == "grpo":
@@ -83,8 +83,8 @@ def _torchrun(run_dir, nproc, overrides, port):
 @pytest.fixture(scope="module")
 def shared_warm_start(tmp_path_factory):
     """One warm start and task for the layout comparison (made here, in one process)."""
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.warmstart import prepare_demo_inputs
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.demo.warmstart import prepare_demo_inputs
 
     base = tmp_path_factory.mktemp("layouts")
     cfg = load_run_config("examples/tiny_cpu.yaml", _common(base / "unused"))

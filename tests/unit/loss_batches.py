@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_gift.types import LossInputs
+from megatron_gift.algo.types import LossInputs
 
 
 def make_batch(group_sizes, seq_len=6, seed=0, dtype=torch.float64, rewards=None):

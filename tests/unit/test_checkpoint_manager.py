@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from megatron_gift.checkpoint.hf import CheckpointError
+from megatron_gift.hf.files import CheckpointError
 from megatron_gift.checkpoint.manager import (
     MARKER,
     CheckpointManager,

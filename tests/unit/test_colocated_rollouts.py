@@ -75,7 +75,7 @@ def _exchange_worker(rank: int, world: int):
 
 @pytest.mark.distributed
 def test_exchange_over_four_ranks_gives_each_replica_its_share():
-    from megatron_gift.mcore.harness import run_distributed
+    from megatron_gift.mcore.testing.harness import run_distributed
     results = run_distributed(_exchange_worker, world_size=4)
     for rank, res in enumerate(results):
         want = list(range(0, 4)) if rank % 2 == 0 else list(range(4, 8))

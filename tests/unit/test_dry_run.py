@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.checkpoint.hf_arch import load_hf_arch, parse_hf_config
-from megatron_gift.dry_run import parse_args, run
-from megatron_gift.launch.layout import check_layout
-from megatron_gift.launch.memory import GIB, TrainPlan, activation_bytes, estimate_stage, in_flight
-from megatron_gift.launch.model_size import total_params
-from megatron_gift.run_config import load_run_config
+from megatron_gift.hf.arch import load_hf_arch, parse_hf_config
+from megatron_gift.cli.dry_run import parse_args, run
+from megatron_gift.planning.layout import check_layout
+from megatron_gift.planning.memory import GIB, TrainPlan, activation_bytes, estimate_stage, in_flight
+from megatron_gift.planning.model_size import total_params
+from megatron_gift.config.run import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 R8B, R70B = ROOT / "examples/llama3_8b_gift.yaml", ROOT / "examples/llama3_70b_gift.yaml"
@@ -146,7 +146,7 @@ def _saved_bytes(layers, b, s):
 
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
 def test_local_spec_activation_formula_matches_saved_tensors(tp):
-    from megatron_gift.mcore.harness import run_distributed
+    from megatron_gift.mcore.testing.harness import run_distributed
     b, s = 8, 64
     measured = run_distributed(_one_layer_saved_bytes, tp, tp=tp, b=b, s=s)[0]
     arch = parse_hf_config({**_TINY, "num_hidden_layers": 1})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_gift.algo import GIFTConfig, GIFTLoss
-from megatron_gift.types import LossInputs
+from megatron_gift.algo.types import LossInputs
 from tests.unit.loss_batches import make_batch, select_groups
 
 MODES = ["detached", "full"]

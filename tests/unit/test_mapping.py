@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gift.checkpoint.hf_arch import UnsupportedConfigError, parse_hf_config
-from megatron_gift.checkpoint.mapping import (
+from megatron_gift.hf.arch import UnsupportedConfigError, parse_hf_config
+from megatron_gift.hf.mapping import (
     fuse_qkv,
     hf_to_mcore_tensors,
     mapping_entries,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from megatron_gift.checkpoint.hf_arch import parse_hf_config
+from megatron_gift.hf.arch import parse_hf_config
 from megatron_gift.mcore.convert import copy_hf_into_model, single_process_parallel_state
 from megatron_gift.mcore.model import build_gpt_model, te_available, transformer_config_from_hf
 from tests.convert_checks import full_logits, tokens

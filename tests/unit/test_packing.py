@@ -72,7 +72,7 @@ def test_bad_groups_are_named():
 
 
 def test_metric_pairs_sum_and_max_metrics_take_the_maximum():
-    from megatron_gift.types import metric, reduce_metrics
+    from megatron_gift.algo.types import metric, reduce_metrics
     parts = [{"loss": metric(torch.tensor(2.0), 4), "x_max": metric(torch.tensor(0.5), 1)},
              {"loss": metric(torch.tensor(1.0), 2), "x_max": metric(torch.tensor(0.25), 1)}]
     out = reduce_metrics(parts)

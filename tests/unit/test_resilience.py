@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch.distributed as dist
 
-from megatron_gift.mcore.harness import run_distributed
-from megatron_gift.resilience import REQUEUE_EXIT_CODE, StopRequest
+from megatron_gift.mcore.testing.harness import run_distributed
+from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE, StopRequest
 
 
 class FakeClock:

@@ -1,7 +1,7 @@
 """Run config: YAML + --set overrides, unknown keys with the nearest valid one, bad values, impossible layouts."""
 import pytest
-from megatron_gift.config import apply_overrides, load_yaml
-from megatron_gift.run_config import load_run_config, run_config_from_dict
+from megatron_gift.config.schema import apply_overrides, load_yaml
+from megatron_gift.config.run import load_run_config, run_config_from_dict
 
 BASE = {"model": {"hf_dir": "/x"}, "data": {"path": "/x/train.jsonl"}}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gift.config import ParallelConfig
-from megatron_gift.mcore.harness import free_port
+from megatron_gift.config.schema import ParallelConfig
+from megatron_gift.mcore.testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["slurm/gift_8b.sh", "slurm/gift_70b.sh", "slurm/gift_job.sh", "slurm/node_launch.sh", "slurm/cluster.env"]
@@ -26,7 +26,7 @@ HAS_RECOMPUTE_KEY = "recompute" in {f.name for f in dataclasses.fields(ParallelC
 
 def _requeue_protocol():
     try:
-        from megatron_gift.resilience import REQUEUE_EXIT_CODE, REQUEUE_FILE
+        from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE, REQUEUE_FILE
         return REQUEUE_EXIT_CODE, REQUEUE_FILE, False
     except ImportError:
         return 75, "requeue_request.json", True

@@ -2,7 +2,7 @@
 
 
 def test_progress_bar_of_the_step_line():
-    from megatron_gift.metrics_log import progress_bar
+    from megatron_gift.trainer.report import progress_bar
     assert progress_bar(0, 50) == "[--------------------]   0%"
     assert progress_bar(10, 40) == "[#####---------------]  25%"
     assert progress_bar(50, 50) == "[####################] 100%"

@@ -98,7 +98,7 @@ class ParallelConfig:
     """Megatron parallel layout; dp is what remains of the world size.
 
     recompute: activation recompute, "none", "selective" (attention core) or "full" (every layer keeps
-        only its input; what long sequences on big models need, see `python -m megatron_gift.dry_run`).
+        only its input; what long sequences on big models need, see `python -m megatron_gift.cli.dry_run`).
     """
 
     tp: int = 1

@@ -29,10 +29,10 @@ import torch.distributed as dist
 from megatron_gift.algo import build_loss, check_loss_inputs
 from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
 from megatron_gift.checkpoint import manager as ckpt_files
-from megatron_gift.checkpoint.hf_arch import load_hf_arch
-from megatron_gift.config import write_resolved
+from megatron_gift.hf.arch import load_hf_arch
+from megatron_gift.config.schema import write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
-from megatron_gift.fault_tolerance import FaultTolerance
+from megatron_gift.resilience.fault_tolerance import FaultTolerance
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
 from megatron_gift.mcore.convert import convert_for_model_parallel
@@ -41,13 +41,13 @@ from megatron_gift.mcore.precision import check_fp8_supported, transformer_preci
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
 from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_model
-from megatron_gift.metrics_log import MetricsLog, progress_bar
-from megatron_gift.resilience import REQUEUE_FILE, StopRequest
+from megatron_gift.trainer.report import MetricsLog, progress_bar
+from megatron_gift.resilience.stop import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
 from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, balanced_slice, exchange_groups,
                                              sum_over_world)
-from megatron_gift.run_config import RunConfig
-from megatron_gift.trainer_checkpoint import TrainerCheckpointing
+from megatron_gift.config.run import RunConfig
+from megatron_gift.trainer.checkpointing import TrainerCheckpointing
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -112,7 +112,7 @@ class Trainer(TrainerCheckpointing):
         when TP or PP > 1 needs one and none is given (rank 0 makes both, the others wait)."""
         cfg = self.cfg
         if not cfg.model.hf_dir:
-            from megatron_gift.warmstart import point_at_demo_inputs, prepare_demo_inputs
+            from megatron_gift.demo.warmstart import point_at_demo_inputs, prepare_demo_inputs
             if self.rt.rank == 0:
                 prepare_demo_inputs(cfg, str(self.run_dir), log=self.say)
             dist.barrier()

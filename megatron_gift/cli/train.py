@@ -2,7 +2,7 @@
 
 Runs under torchrun for several ranks (gloo on CPU, NCCL on GPU) or as a single process.
 `--resume auto|none|PATH` (= --set trainer.resume=...) picks the checkpoint to continue from. Exit codes:
-0 done, REQUEUE_EXIT_CODE (75, megatron_gift/resilience.py) stopped on a signal or the wall-clock budget
+0 done, REQUEUE_EXIT_CODE (75, megatron_gift/resilience/stop.py) stopped on a signal or the wall-clock budget
 after saving a checkpoint (requeue the job), anything else a failure.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # vLLM logs a line per weight update at INFO; the step line already says what happened (override: set it).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from megatron_gift.resilience import REQUEUE_EXIT_CODE
-    from megatron_gift.run_config import load_run_config
-    from megatron_gift.trainer import Trainer
+    from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.trainer.trainer import Trainer
 
     overrides = args.overrides + ([f"trainer.resume={args.resume}"] if args.resume is not None else [])
     cfg = load_run_config(args.config, overrides)
@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if trainer.requeue_requested:
         return REQUEUE_EXIT_CODE
     if args.plot and int(os.environ.get("RANK", 0)) == 0:
-        from tools.plot_metrics import plot_runs
+        from megatron_gift.cli.plot import plot_runs
         out = plot_runs([cfg.trainer.run_dir], os.path.join(cfg.trainer.run_dir, "curves.png"))
         print(f"[train] curves written to {out}")
     return 0

@@ -1,4 +1,4 @@
-"""`python -m megatron_gift.dry_run CONFIG --nodes N --gpus-per-node G [--gpu-mem-gib 80] [--set k=v ...]`
+"""`python -m megatron_gift.cli.dry_run CONFIG --nodes N --gpus-per-node G [--gpu-mem-gib 80] [--set k=v ...]`
 
 Validates a run config against a cluster allocation without one: the parallel layout for N x G GPUs
 (launch/layout.py) and a per-GPU memory estimate of the training step next to the colocated vLLM engine
@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from megatron_gift.launch.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
+from megatron_gift.planning.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
                                          estimate_vllm)
-from megatron_gift.launch.model_size import total_params
+from megatron_gift.planning.model_size import total_params
 
 _KNOBS = {
     "activations": "parallel.recompute: full (or selective), more trainer.microbatches (fewer groups each), parallel.cp, parallel.tp with "
@@ -31,7 +31,7 @@ _KNOBS = {
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m megatron_gift.dry_run", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m megatron_gift.cli.dry_run", description=__doc__.split("\n\n")[1])
     ap.add_argument("config", help="run config YAML")
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--gpus-per-node", type=int, required=True)
@@ -119,9 +119,9 @@ def verdict(stages: List[StageEstimate], vllm: VllmEstimate, args) -> tuple[bool
 def run(args: argparse.Namespace, out=print) -> int:
     with warnings.catch_warnings():  # megatron-core's "TE / apex not installed" import notes are noise here
         warnings.simplefilter("ignore")
-        from megatron_gift.checkpoint.hf_arch import load_hf_arch
-        from megatron_gift.launch.layout import check_layout
-        from megatron_gift.run_config import load_run_config
+        from megatron_gift.hf.arch import load_hf_arch
+        from megatron_gift.planning.layout import check_layout
+        from megatron_gift.config.run import load_run_config
     try:
         cfg = load_run_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError, TypeError) as exc:

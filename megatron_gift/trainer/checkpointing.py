@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.checkpoint import manager as ckpt_files
-from megatron_gift.config import to_plain
+from megatron_gift.config.schema import to_plain
 from megatron_gift.mcore import dist_ckpt
 
 

@@ -36,8 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_gift.checkpoint.hf_arch import HFArch
-from megatron_gift.launch.model_size import stage_params, total_params
+from megatron_gift.hf.arch import HFArch
+from megatron_gift.planning.model_size import stage_params, total_params
 
 GIB = 1 << 30
 ATTENTION = ("te", "local")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 
-from megatron_gift.checkpoint.hf_arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
+from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
 
 Tensor = torch.Tensor
 # HF tensors that carry no weights (old checkpoints saved rotary caches); skipped on import.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from megatron_gift.algo.registry import build_loss
-from megatron_gift.config import ParallelConfig, TrainerConfig, apply_overrides, load_yaml
+from megatron_gift.config.schema import ParallelConfig, TrainerConfig, apply_overrides, load_yaml
 from megatron_gift.data.config import PromptDataConfig
 from megatron_gift.mcore.precision import PrecisionConfig
 from megatron_gift.mcore.training import OptimSettings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_gift.checkpoint.hf_arch import HFArch
+from megatron_gift.hf.arch import HFArch
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import List, Optional
 
 from megatron_gift.algo.packing import pack_microbatches
 from megatron_gift.algo.registry import build_loss
-from megatron_gift.checkpoint.hf_arch import HFArch
-from megatron_gift.launch.memory import TrainPlan, VllmPlan
-from megatron_gift.run_config import RunConfig
+from megatron_gift.hf.arch import HFArch
+from megatron_gift.planning.memory import TrainPlan, VllmPlan
+from megatron_gift.config.run import RunConfig
 
 # The trainer pads every microbatch to a multiple of this many tokens (algo/packing.py's default).
 PAD_MULTIPLE = inspect.signature(pack_microbatches).parameters["pad_to_multiple"].default

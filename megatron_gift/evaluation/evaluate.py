@@ -119,8 +119,8 @@ def model_kind(path: str | Path) -> str:
 
 def export_mcore_to_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "") -> None:
     """Write the HF form of a converted Megatron checkpoint into the (new, empty) out_dir, one key at a time."""
-    from megatron_gift.checkpoint.hf import ShardedSafetensorsWriter, copy_side_files
-    from megatron_gift.checkpoint.hf_arch import load_hf_arch
+    from megatron_gift.hf.files import ShardedSafetensorsWriter, copy_side_files
+    from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.convert import (iter_mcore_checkpoint_as_hf, read_conversion_info,
                                              single_process_parallel_state)
     from megatron_gift.mcore.model import resolve_dtype

@@ -1,0 +1,76 @@
+"""Convert a Megatron-Core distributed checkpoint back into a Hugging Face model directory.
+
+    python tools/convert_mcore_to_hf.py --mcore-dir DIR --out DIR [--overwrite] [--key-prefix P]
+
+--mcore-dir holds config.json (the HF config), megatron_gift_conversion.json and model/ (the dist
+checkpoint), as tools/convert_hf_to_mcore.py writes it. A training checkpoint's model part can be
+exported the same way once laid out like that (its keys may carry a prefix: --key-prefix). Tensors are
+loaded one layer at a time and written as sharded safetensors + index + config.json + tokenizer files,
+which transformers.AutoModelForCausalLM.from_pretrained loads. Written atomically (temp dir, rename).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str = "",
+           max_shard_bytes: int = 2 * 1024**3, quiet: bool = False) -> dict:
+    """Library entry point; returns a small summary (tensor count, bytes, seconds)."""
+    from tqdm import tqdm
+
+    from megatron_gift.hf.files import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+    from megatron_gift.hf.arch import load_hf_arch
+    from megatron_gift.mcore.model import resolve_dtype
+    from megatron_gift.mcore.convert import (
+        iter_mcore_checkpoint_as_hf,
+        read_conversion_info,
+        single_process_parallel_state,
+    )
+
+    mcore_dir = Path(mcore_dir)
+    info = read_conversion_info(mcore_dir)
+    arch = load_hf_arch(mcore_dir)
+    # Megatron's local-spec norms keep float32 weights in a bf16 model; HF gets the declared dtype throughout.
+    dtype = resolve_dtype(info["dtype"])
+    start = time.perf_counter()
+    n = 0
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        with single_process_parallel_state():
+            for name, tensor in tqdm(iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, arch), desc="mcore->hf",
+                                     unit="tensor", disable=quiet):
+                writer.add(name, tensor.to(dtype))
+                n += 1
+        writer.finish()
+        config = json.loads((mcore_dir / "config.json").read_text())
+        config["dtype"] = info["dtype"]  # the tensors are written in the checkpoint's dtype
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_side_files(mcore_dir, tmp)
+    return {"tensors": n, "bytes": writer.total_bytes, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mcore-dir", type=Path, required=True, help="converted checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="output HF directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once complete)")
+    p.add_argument("--key-prefix", default="", help="prefix of the model's keys in the dist checkpoint")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        s = export(args.mcore_dir, args.out, args.overwrite, args.key_prefix, int(args.max_shard_gb * 1024**3), args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB, {s['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":  # guard required: dist_checkpointing may spawn worker processes
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test support only (never used by the trainer): the multi-process gloo harness (harness.py)."""
