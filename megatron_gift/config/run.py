@@ -92,10 +92,18 @@ class RunConfig:
     def check_world(self, world_size: int) -> int:
         """Data-parallel size for this world; errors name the sizes that do not fit."""
         dp = self.parallel.data_parallel_size(world_size)
-        per_update = self.trainer.prompts_per_step // self.trainer.updates_per_rollout
-        if per_update % (dp * self.trainer.microbatches):
+        t = self.trainer
+        if t.prompts_per_step % t.updates_per_rollout:  # the config may have been changed after loading
+            raise ValueError(f"trainer.prompts_per_step={t.prompts_per_step} must be divisible by "
+                             f"trainer.updates_per_rollout={t.updates_per_rollout}")
+        per_update = t.prompts_per_step // t.updates_per_rollout
+        # Each replica trains on prompts_per_step / dp groups in updates_per_rollout updates of
+        # per_update / dp groups, each cut into microbatches: whole groups everywhere, none left over.
+        if per_update % (dp * t.microbatches):
             raise ValueError(f"{per_update} prompt groups per optimizer step cannot be split into whole groups over "
-                             f"{dp} data-parallel ranks x {self.trainer.microbatches} microbatches")
+                             f"{dp} data-parallel ranks x {t.microbatches} microbatches (trainer.prompts_per_step="
+                             f"{t.prompts_per_step} / trainer.updates_per_rollout={t.updates_per_rollout} must be a "
+                             f"multiple of dp x trainer.microbatches)")
         return dp
 
 

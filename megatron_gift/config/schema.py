@@ -178,10 +178,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.resume must be 'auto', 'none' or a checkpoint path, got {self.resume!r}")
         if not isinstance(self.async_save, bool):
             raise ValueError(f"trainer.async_save must be true or false, got {self.async_save!r}")
+        if self.prompts_per_step % self.updates_per_rollout:  # else the trailing groups are never trained on
+            raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
+                             f"trainer.updates_per_rollout={self.updates_per_rollout}")
 
     @property
     def checkpoint_dir(self) -> str:
         return self.save_dir or str(Path(self.run_dir) / "checkpoints")
-        if self.prompts_per_step % self.updates_per_rollout:
-            raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
-                             f"trainer.updates_per_rollout={self.updates_per_rollout}")

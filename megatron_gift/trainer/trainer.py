@@ -48,6 +48,7 @@ from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, bala
                                              sum_over_world)
 from megatron_gift.config.run import RunConfig
 from megatron_gift.trainer.checkpointing import TrainerCheckpointing
+from megatron_gift.trainer.limits import check_trainer_supports
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -63,6 +64,7 @@ class Trainer(TrainerCheckpointing):
     """Build everything from a RunConfig on this rank, then `run()` the configured number of steps."""
 
     def __init__(self, cfg: RunConfig, log=print):
+        check_trainer_supports(cfg)  # before anything starts: settings this trainer would otherwise ignore
         self.cfg, self.log_fn = cfg, log
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)

@@ -1,0 +1,44 @@
+"""Settings that used to be accepted and then ignored: each is now refused (or checked) before any work."""
+import pytest
+
+from megatron_gift.config.run import run_config_from_dict
+
+BASE = {"model": {"hf_dir": "/nonexistent"}, "data": {"path": "/nonexistent/train.jsonl"}}
+
+
+def test_prompts_not_divisible_by_updates_is_refused_when_the_config_loads():
+    """10 prompts in 4 updates: groups 8-9 were generated, scored, counted in reward_mean and never trained on."""
+    with pytest.raises(ValueError, match=r"trainer.prompts_per_step=10 must be divisible by "
+                                         r"trainer.updates_per_rollout=4"):
+        run_config_from_dict({**BASE, "trainer": {"prompts_per_step": 10, "updates_per_rollout": 4}})
+    cfg = run_config_from_dict({**BASE, "trainer": {"prompts_per_step": 12, "updates_per_rollout": 4}})
+    assert cfg.check_world(1) == 1
+    cfg.trainer.prompts_per_step = 10  # changed after loading: the trainer's start-up check still names it
+    with pytest.raises(ValueError, match=r"trainer.prompts_per_step=10 must be divisible by trainer.updates_per"):
+        cfg.check_world(1)
+
+
+def test_replica_share_per_update_must_be_whole_groups():
+    """12 prompts, 2 updates, DP=4: 6 groups per update do not split over 4 replicas."""
+    cfg = run_config_from_dict({**BASE, "trainer": {"prompts_per_step": 12, "updates_per_rollout": 2}})
+    assert cfg.check_world(2) == 2 and cfg.check_world(3) == 3
+    with pytest.raises(ValueError, match=r"6 prompt groups per optimizer step .* 4 data-parallel ranks x 1 "
+                                         r"microbatches \(trainer.prompts_per_step=12 / trainer.updates_per_rollout=2"):
+        cfg.check_world(4)
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"parallel": {"pp": 2, "vpp": 2}}, r"parallel.vpp=2: the trainer builds one model chunk"),
+    ({"precision": {"dtype": "float16"}}, r"precision.dtype=float16: the trainer has no fp16 loss scaling"),
+])
+def test_trainer_refuses_settings_it_would_ignore_before_starting(section, match):
+    from megatron_gift.trainer.trainer import Trainer
+    cfg = run_config_from_dict({**BASE, **section})
+    with pytest.raises(ValueError, match=match):
+        Trainer(cfg)
+
+
+def test_vpp_one_and_bfloat16_pass_the_trainer_check():
+    from megatron_gift.trainer.limits import check_trainer_supports
+    check_trainer_supports(run_config_from_dict({**BASE, "parallel": {"pp": 2, "vpp": 1},
+                                                 "precision": {"dtype": "bfloat16"}}))
