@@ -1,8 +1,9 @@
-"""Per-step metrics sinks: a jsonl file (always), tensorboard (when importable), wandb (when asked).
+"""Reporting: the per-step metrics sinks and the console's step line.
 
 Owns the run directory's `metrics.jsonl` format: one JSON object per step with `step` and float
-values; nothing else writes it. Only the logging rank creates a MetricsLog. Also the step line's text
-progress bar.
+values; nothing else writes it. Only the logging rank creates a MetricsLog. Sinks: a jsonl file
+(always), tensorboard (when importable), wandb (when asked). Also the step line (progress bar, reward,
+loss, time, ETA, phase times) and the ETA clock it reads.
 """
 from __future__ import annotations
 
@@ -84,3 +85,24 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
     filled = int(round(frac * width))
     return f"[{'#' * filled}{'-' * (width - filled)}] {int(frac * 100):3d}%"
+
+
+class EtaClock:
+    """Remaining wall time at the mean step time of this process's run so far (evals included)."""
+
+    def __init__(self, first_step: int, clock=time.perf_counter):
+        self.first_step, self._clock = first_step, clock
+        self._t0 = clock()
+
+    def eta(self, step: int, total: int) -> str:
+        done = step - self.first_step
+        seconds = (self._clock() - self._t0) / max(done, 1) * (total - step)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def step_line(step: int, total: int, values: Dict[str, float], eta: str) -> str:
+    """The console line of one step: progress, reward, eval reward, loss, step time, ETA, phase times."""
+    ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
+    return (f"[train] step {step}/{total} {progress_bar(step, total)} reward {values['reward_mean']:.3f}{ev} "
+            f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s eta {eta} "
+            + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))

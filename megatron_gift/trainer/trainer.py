@@ -13,7 +13,11 @@ Long runs: a checkpoint every `trainer.save_every` steps, at the end and when a 
 or wall-clock budget, agreed by all ranks after each step, resilience.py); `trainer.resume` picks what to
 start from (checkpoint/manager.py). A checkpoint holds what makes the continuation bitwise identical on
 CPU: weights, optimizer, LR schedule, sampler position, step, every rank's RNG states and the metrics
-history (trainer_checkpoint.py). The engines need only the weights, pushed to them right after loading.
+history (trainer/checkpointing.py). The engines need only the weights, pushed to them right after loading.
+
+The parts are built by trainer/assembly.py, checkpointed as named stateful parts by
+trainer/checkpointing.py and reported by trainer/report.py; this module is the loop. Each phase returns
+what it produced (groups and rollout statistics, microbatches, step results) to the step that calls it.
 """
 from __future__ import annotations
 
@@ -21,46 +25,54 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_gift.algo import build_loss, check_loss_inputs
+from megatron_gift.algo import check_loss_inputs
 from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
 from megatron_gift.checkpoint import manager as ckpt_files
-from megatron_gift.hf.arch import load_hf_arch
-from megatron_gift.config.schema import write_resolved
-from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
-from megatron_gift.resilience.fault_tolerance import FaultTolerance
+from megatron_gift.config.run import RunConfig
+from megatron_gift.config.schema import to_plain, write_resolved
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
-from megatron_gift.mcore.convert import convert_for_model_parallel
-from megatron_gift.mcore.model import recompute_kwargs
-from megatron_gift.mcore.precision import check_fp8_supported, transformer_precision_kwargs
-from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
-from megatron_gift.mcore.training import build_optimizer, wrap_for_training
-from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_model
-from megatron_gift.trainer.report import MetricsLog, progress_bar
+from megatron_gift.mcore.precision import check_fp8_supported
+from megatron_gift.mcore.weight_sync import iter_policy_as_hf
+from megatron_gift.resilience.fault_tolerance import FaultTolerance
 from megatron_gift.resilience.stop import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
-from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, balanced_slice, exchange_groups,
-                                             sum_over_world)
-from megatron_gift.config.run import RunConfig
-from megatron_gift.trainer.checkpointing import TrainerCheckpointing
+from megatron_gift.rollout.colocated import RolloutStats, balanced_slice, exchange_groups, sum_over_world
+from megatron_gift.trainer import assembly
+from megatron_gift.trainer.checkpointing import TrainingCheckpointer, fingerprint, layout
 from megatron_gift.trainer.limits import check_trainer_supports
+from megatron_gift.trainer.report import EtaClock, MetricsLog, step_line
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
 FT_TIMEOUT_STEPS = 3
 
 
-def engine_placement(cfg: RunConfig, rank: int, world_size: int) -> EnginePlacement:
-    """Where this rank's rollout engine sits (every rank hosts one; see rollout/colocated.py)."""
-    return EnginePlacement(rank, world_size, int(cfg.rollout.engine.get("tensor_parallel_size", 1)))
+class PhaseTimer:
+    """Wall seconds per phase of the current step; every phase beats ft_launcher's heartbeat at both ends
+    (a rank stuck inside one is seen as hung)."""
+
+    def __init__(self, ft: FaultTolerance):
+        self.ft, self.seconds = ft, {}
+
+    def reset(self) -> None:
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self.ft.heartbeat()
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        self.ft.heartbeat()
 
 
-class Trainer(TrainerCheckpointing):
+class Trainer:
     """Build everything from a RunConfig on this rank, then `run()` the configured number of steps."""
 
     def __init__(self, cfg: RunConfig, log=print):
@@ -70,31 +82,33 @@ class Trainer(TrainerCheckpointing):
         self.run_dir = Path(t.run_dir)
         self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed)
         cfg.check_world(self.rt.world_size)
-        self.placement = engine_placement(cfg, self.rt.rank, self.rt.world_size)
+        self.placement = assembly.engine_placement(cfg, self.rt.rank, self.rt.world_size)
         check_fp8_supported(cfg.precision)
-        self.timers: Dict[str, float] = {}
         self.ft = FaultTolerance.start(log=self.say)  # heartbeats under ft_launcher; inert otherwise
+        self.timed = PhaseTimer(self.ft)
         self.stop = StopRequest(t.time_budget_s)
         self.stop_reason = None
-        self.checkpoints = ckpt_files.CheckpointManager(t.checkpoint_dir, t.keep_last, log=self.say)
-        self.resume_from = self.checkpoints.select(t.resume)
-        self._prepare_model_dir()
-        self.arch = load_hf_arch(Path(cfg.model.hf_dir) / "config.json")
-        self.loss = build_loss(cfg.loss.name, cfg.loss.options)
+        checkpoint_files = ckpt_files.CheckpointManager(t.checkpoint_dir, t.keep_last, log=self.say)
+        self.resume_from = checkpoint_files.select(t.resume)
+        assembly.prepare_model_dir(cfg, self.rt.rank, self.run_dir, self.resume_from is not None, self.say)
+        self.arch, self.loss = assembly.build_loss_and_arch(cfg)
         if self.resume_from is not None:  # before building anything: another model is a clear error, early
             ckpt_files.check_compatible(ckpt_files.read_metadata(self.resume_from)["fingerprint"],
-                                        self.fingerprint(), self.resume_from)
-        self.tokenizer = load_tokenizer(cfg.model.hf_dir)
-        self.dataset = build_prompt_dataset(cfg.data, self.tokenizer)
-        self.sampler = PromptSampler(self.dataset, seed=t.seed)
+                                        fingerprint(cfg, self.arch, self.loss), self.resume_from)
+        data = assembly.build_data(cfg)
+        self.tokenizer, self.dataset, self.sampler, self.eval_set = (data.tokenizer, data.dataset, data.sampler,
+                                                                     data.eval_set)
         self.rewards = build_rewards(cfg.rewards) if self.placement.is_engine_leader else None
         self.reward_labels = [term.label for term in cfg.rewards.terms]
-        self.eval_set = None
-        if cfg.eval_data is not None and t.eval_every > 0:
-            self.eval_set = build_prompt_dataset(cfg.eval_data, self.tokenizer)
-        self._build_models()
-        self.engine = self._build_engine()
+        parts = assembly.build_models(cfg, self.arch, self.loss, self.rt, self.resume_from is not None)
+        self.model, self.reference, self.schedule = parts.model, parts.reference, parts.schedule
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.engine = assembly.build_engine(cfg, self.placement)
         self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None
+        self.checkpointer = TrainingCheckpointer(
+            checkpoint_files, self.model, self.optimizer, {"scheduler": self.scheduler, "sampler": self.sampler},
+            {"fingerprint": fingerprint(cfg, self.arch, self.loss), "layout": layout(cfg, self.rt),
+             "config": to_plain(cfg)}, self.rt.rank, self.async_saver, log=self.say)
         self.step = 0
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -104,72 +118,9 @@ class Trainer(TrainerCheckpointing):
             self.metrics = MetricsLog(self.run_dir, resume_step=self.step if history else None, history=history)
             write_resolved(cfg, self.run_dir / "config.resolved.yaml")
 
-    # ----- set-up -----------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
         if self.rt.is_logger:
             self.log_fn(msg)
-
-    def _prepare_model_dir(self) -> None:
-        """Warm-start the tiny demo model when no hf_dir is given, and convert hf_dir into a Megatron checkpoint
-        when TP or PP > 1 needs one and none is given (rank 0 makes both, the others wait)."""
-        cfg = self.cfg
-        if not cfg.model.hf_dir:
-            from megatron_gift.demo.warmstart import point_at_demo_inputs, prepare_demo_inputs
-            if self.rt.rank == 0:
-                prepare_demo_inputs(cfg, str(self.run_dir), log=self.say)
-            dist.barrier()
-            if self.rt.rank != 0:
-                point_at_demo_inputs(cfg, str(self.run_dir))
-        if self.resume_from is None and not cfg.model.mcore_dir and cfg.parallel.tp * cfg.parallel.pp > 1:
-            out = self.run_dir / "mcore_from_hf"
-            if self.rt.rank == 0:
-                convert_for_model_parallel(cfg.model.hf_dir, out, cfg.precision.dtype, cfg.model.vocab_multiple,
-                                           log=self.say)
-            dist.barrier()
-            cfg.model.mcore_dir = str(out)
-
-    def _build_models(self) -> None:
-        cfg = self.cfg
-        kwargs = dict(arch=self.arch, hf_dir=cfg.model.hf_dir, mcore_dir=cfg.model.mcore_dir,
-                      dtype=cfg.precision.torch_dtype, vocab_multiple=cfg.model.vocab_multiple, device=self.rt.device)
-        extra = {k: v for k, v in transformer_precision_kwargs(cfg.precision).items() if k.startswith("fp8")}
-        if cfg.parallel.sequence_parallel:
-            extra["sequence_parallel"] = True
-        extra.update(recompute_kwargs(cfg.parallel.recompute))
-        if self.resume_from is None:
-            policy = rt_mod.build_stage_model(**kwargs, **extra)
-        else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)
-            policy = dist_ckpt.build_stage_model_unloaded(self.arch, kwargs["dtype"], cfg.model.vocab_multiple,
-                                                          self.rt.device, perform_initialization=False, **extra)
-        self.reference = None
-        if self.loss.anchor == "ref" or getattr(self.loss, "needs_ref_logprobs", False):
-            self.reference = rt_mod.build_stage_model(**kwargs, **extra).requires_grad_(False).eval()
-        cfg.optim.bf16 = cfg.precision.dtype == "bfloat16"
-        cfg.optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
-        self.model = wrap_for_training([policy], cfg.optim, self.rt.pg)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.rt.pg)
-        settings = ScheduleSettings(vocab_size=self.arch.vocab_size, temperature=cfg.rollout.sampling.temperature or 1.0,
-                                    mode=cfg.loss.schedule)
-        self.schedule = GiftSchedule(self.model, self.loss, settings, self.rt.pg)
-        dist_ckpt.check_checkpointable(self.model, self.optimizer)  # fail now, not at the first save
-
-    def _build_engine(self):
-        """This rank's engine (all ranks build theirs together: vLLM creates its groups over the world)."""
-        from megatron_gift.rollout.vllm_config import VllmConfig
-        from megatron_gift.rollout.vllm_engine import VllmEngine
-        engine_cfg = dict(self.cfg.rollout.engine)
-        engine_cfg.setdefault("seed", self.cfg.trainer.seed)
-        if self.placement.engine_tp > 1:  # SPMD engines over the trainer's ranks
-            engine_cfg.setdefault("distributed_executor_backend", "external_launcher")
-        return VllmEngine(VllmConfig(model=self.cfg.model.hf_dir, **engine_cfg))
-
-    @contextmanager
-    def timed(self, phase: str):
-        self.ft.heartbeat()  # every phase beats: a rank stuck inside one is seen as hung by ft_launcher
-        start = time.perf_counter()
-        yield
-        self.timers[phase] = self.timers.get(phase, 0.0) + time.perf_counter() - start
-        self.ft.heartbeat()
 
     # ----- the phases -------------------------------------------------------------------------------
     def sample_prompts(self):
@@ -180,9 +131,10 @@ class Trainer(TrainerCheckpointing):
         """[start, stop) of the global batch that this rank's data-parallel replica trains on."""
         return balanced_slice(num_prompts, self.rt.dp, self.rt.dp_rank)
 
-    def generate_and_score(self, batch) -> List[RolloutGroup]:
+    def generate_and_score(self, batch) -> Tuple[List[RolloutGroup], RolloutStats]:
         """Every engine samples N responses for its slice of the batch, its first rank scores them; then each
-        replica gets the scored groups of its share (group ids are positions in the global batch)."""
+        replica gets the scored groups of its share (group ids are positions in the global batch). Returns
+        those groups and the rollout statistics summed over the world."""
         start, stop = self.placement.share(len(batch))
         records = batch[start:stop]
         local: List[RolloutGroup] = []
@@ -200,8 +152,8 @@ class Trainer(TrainerCheckpointing):
                 stats = RolloutStats(samples=float(len(texts)), tokens=float(result.num_response_tokens),
                                      term_sums={k: float(sum(v)) for k, v in scored.terms.items()})
         with self.timed("exchange"):
-            self._rollout_stats = stats.reduced(self.reward_labels, self.rt.device)
-            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp)
+            reduced = stats.reduced(self.reward_labels, self.rt.device)
+            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp), reduced
 
     def _rollout_seed(self) -> int:
         return self.cfg.trainer.seed * 1_000_003 + self.step * 131
@@ -216,6 +168,7 @@ class Trainer(TrainerCheckpointing):
         return mbs
 
     def anchor(self, mbs) -> None:
+        """Fills the microbatches' anchor (and, when the loss wants them, reference) log-probs in place."""
         with self.timed("anchor"):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
             self.schedule.fill_anchor_logprobs(model, mbs)
@@ -250,23 +203,22 @@ class Trainer(TrainerCheckpointing):
             summed = sum_over_world([total], self.rt.device)[0]
         return {"eval/reward_mean": summed / count}
 
-    def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
-        """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """All ranks: this step's checkpoint (trainer/checkpointing.py); the stop budget learns its cost."""
+        metrics_path = self.metrics.path if self.metrics is not None else None
+        self.stop.note_save(self.checkpointer.save(self.step, metrics_path))
 
-        A sanity check of the weight sync (DESIGN contract); single-stage, single-TP layouts only.
-        """
-        if self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp != 1:
-            raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=1)")
-        prompts = [self.dataset[i].prompt_ids for i in range(min(num_prompts, len(self.dataset)))]
-        engine_out = self.engine.greedy(prompts, max_new_tokens)
-        model = unwrap_model(self.model[0]).eval()
-        matches = 0
-        with torch.no_grad():
-            for prompt, theirs in zip(prompts, engine_out):
-                ours = _megatron_greedy(model, prompt, len(theirs), self.arch.vocab_size, self.rt.device)
-                matches += int(ours == list(theirs))
-        model.train()
-        return matches / len(prompts)
+    def load_checkpoint(self, path: Path) -> None:
+        """All ranks: the saved state, then the engine gets the loaded weights."""
+        start = time.perf_counter()
+        self.step, note = self.checkpointer.load(path)
+        self.sync_weights()
+        self.say(f"[checkpoint] resumed from {path} at step {self.step} in {time.perf_counter() - start:.2f}s ({note})")
+
+    def _save_due(self) -> bool:
+        every, total = self.cfg.trainer.save_every, self.cfg.trainer.steps
+        return every > 0 and (self.step % every == 0 or self.step == total)
 
     def _end_of_step(self, values: Dict[str, float]) -> None:
         """Stop decision (one all-reduce over the world), then a checkpoint if due or a stop was agreed."""
@@ -284,14 +236,18 @@ class Trainer(TrainerCheckpointing):
 
     # ----- the loop ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
-        self.timers, t0 = {}, time.perf_counter()
-        groups = self.generate_and_score(self.sample_prompts())
-        per_update = len(groups) // self.cfg.trainer.updates_per_rollout
+        self.timed.reset()
+        t0 = time.perf_counter()
+        groups, stats = self.generate_and_score(self.sample_prompts())
+        updates = self.cfg.trainer.updates_per_rollout
+        per_update, left = divmod(len(groups), updates)
+        if left:  # the config checks make this impossible; never drop scored groups silently
+            raise RuntimeError(f"{len(groups)} groups on this replica do not split into "
+                               f"trainer.updates_per_rollout={updates} updates")
         rewards = torch.cat([g.rewards for g in groups])
         # Anchors for every update of this rollout batch come first: with anchor `old` they are the
         # policy that generated the rollouts (before the batch's first update).
-        batches = [self.pack(groups[u * per_update:(u + 1) * per_update])
-                   for u in range(self.cfg.trainer.updates_per_rollout)]
+        batches = [self.pack(groups[u * per_update:(u + 1) * per_update]) for u in range(updates)]
         for mbs in batches:
             self.anchor(mbs)
         values: Dict[str, float] = {}
@@ -301,17 +257,17 @@ class Trainer(TrainerCheckpointing):
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
         self.sync_weights()
         self.step += 1
-        return self._step_metrics(values, rewards, time.perf_counter() - t0)
+        return self._step_metrics(values, rewards, stats, time.perf_counter() - t0)
 
-    def _step_metrics(self, values, rewards, wall: float) -> Dict[str, float]:
-        stats = torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(rewards.numel()))]).double()
-        dist.all_reduce(stats, group=self.rt.pg.dp)
-        mean = float(stats[0] / stats[2])
-        values.update(reward_mean=mean, reward_std=max(0.0, float(stats[1] / stats[2]) - mean ** 2) ** 0.5,
+    def _step_metrics(self, values, rewards, stats: RolloutStats, wall: float) -> Dict[str, float]:
+        moments = torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(rewards.numel()))]).double()
+        dist.all_reduce(moments, group=self.rt.pg.dp)
+        mean = float(moments[0] / moments[2])
+        values.update(reward_mean=mean, reward_std=max(0.0, float(moments[1] / moments[2]) - mean ** 2) ** 0.5,
                       lr=self.optimizer.param_groups[0]["lr"], step_time_s=wall)
-        values.update({f"reward/{k}": v for k, v in self._rollout_stats.term_means().items()})
-        values["tokens_per_s"] = self._rollout_stats.tokens / max(wall, 1e-9)  # all engines together
-        values.update({f"time/{k}_s": v for k, v in self.timers.items()})
+        values.update({f"reward/{k}": v for k, v in stats.term_means().items()})
+        values["tokens_per_s"] = stats.tokens / max(wall, 1e-9)  # all engines together
+        values.update({f"time/{k}_s": v for k, v in self.timed.seconds.items()})
         return values
 
     def run(self) -> List[Dict[str, float]]:
@@ -328,7 +284,7 @@ class Trainer(TrainerCheckpointing):
                     self.metrics.log(0, start)
         self._clear_requeue_file()
         self.stop.install()
-        run_start, self._run_clock = self.step, (self.step, time.perf_counter())
+        run_start, clock = self.step, EtaClock(self.step)
         try:
             while self.step < total and self.stop_reason is None:
                 values = self.train_step()
@@ -338,7 +294,7 @@ class Trainer(TrainerCheckpointing):
                 if self.metrics is not None:
                     self.metrics.log(self.step, values)
                 if self.step % self.cfg.trainer.log_every == 0 or self.step == total:
-                    self._log_step(values, total)
+                    self.say(step_line(self.step, total, values, clock.eta(self.step, total)))
                 self._end_of_step(values)
                 if self.step == run_start + FT_TIMEOUT_STEPS:
                     self.ft.calculate_timeouts()  # collective: every rank reaches this step together
@@ -350,19 +306,6 @@ class Trainer(TrainerCheckpointing):
             self.ft.request_shutdown(f"stop requested: {self.stop_reason}")  # the job is requeued, not restarted
             self._write_requeue_file()
         return history
-
-    def _log_step(self, values: Dict[str, float], total: int) -> None:
-        ev = f" eval {values['eval/reward_mean']:.3f}" if "eval/reward_mean" in values else ""
-        self.say(f"[train] step {self.step}/{total} {progress_bar(self.step, total)} reward {values['reward_mean']:.3f}{ev} "
-                 f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s eta {self._eta(total)} "
-                 + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
-
-    def _eta(self, total: int) -> str:
-        """Remaining wall time at the mean step time of this process's run so far (evals included)."""
-        first, t0 = self._run_clock
-        done = self.step - first
-        seconds = (time.perf_counter() - t0) / max(done, 1) * (total - self.step)
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
     def _clear_requeue_file(self) -> None:
         path = Path(self.cfg.trainer.checkpoint_dir) / REQUEUE_FILE
@@ -384,12 +327,3 @@ class Trainer(TrainerCheckpointing):
         self.engine.close()
         self.ft.close()
         self.rt.close()
-
-
-def _megatron_greedy(model, prompt, steps: int, vocab: int, device) -> list:
-    tokens = list(prompt)
-    for _ in range(steps):
-        ids = torch.tensor([tokens], device=device)
-        logits = model(ids, torch.arange(len(tokens), device=device)[None], None)
-        tokens.append(int(logits[0, -1, :vocab].argmax()))
-    return tokens[len(prompt):]

@@ -26,6 +26,7 @@ def _common(run_dir, steps=2):
 def test_single_process_steps_and_weight_sync(tmp_path, loss):
     from megatron_gift.config.run import load_run_config
     from megatron_gift.trainer.trainer import Trainer
+    from tests.integration.weight_sync_check import verify_weight_sync
 
     overrides = _common(tmp_path / "run") + [f"loss.name={loss}"]
     if loss == "grpo":
@@ -37,7 +38,7 @@ def test_single_process_steps_and_weight_sync(tmp_path, loss):
         start = {n: p.detach().clone() for n, p in trainer.model[0].named_parameters()}
         history = trainer.run()
         moved = max(float((p.detach() - start[n]).abs().max()) for n, p in trainer.model[0].named_parameters())
-        match = trainer.verify_weight_sync(num_prompts=4, max_new_tokens=10)
+        match = verify_weight_sync(trainer, num_prompts=4, max_new_tokens=10)
     finally:
         trainer.close()
     assert len(history) == 2 and moved > 0
