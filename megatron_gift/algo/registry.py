@@ -1,35 +1,34 @@
 """Loss registry: a loss is chosen by name; a new loss is one class plus one line here.
 
-Owns the mapping name -> (loss class, config dataclass) and the error for an unknown name.
+Owns the mapping name -> (loss class, config dataclass) (a utils/registry.py Registry, whose error names an
+unknown name) and the check that what a loss class builds follows the `Loss` protocol (algo/loss.py).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Tuple, Type
+from typing import Any, Callable, Mapping, Tuple, Type
 
 from megatron_gift.algo.gift import GIFTConfig, GIFTLoss
 from megatron_gift.algo.grpo import GRPOConfig, GRPOLoss
-from megatron_gift.utils.dataclass_dict import from_dict, nearest
+from megatron_gift.algo.loss import Loss, check_loss
+from megatron_gift.utils.dataclass_dict import from_dict
+from megatron_gift.utils.registry import Registry
 
-_LOSSES: Dict[str, Tuple[Callable[..., Any], Type]] = {
+_LOSSES: Registry[Tuple[Callable[..., Any], Type]] = Registry("loss", "losses", {
     "gift": (GIFTLoss, GIFTConfig),
     "grpo": (GRPOLoss, GRPOConfig),
-}
+})
 
 
 def register_loss(name: str, loss_cls: Callable[..., Any], config_cls: Type) -> None:
     """Add a loss under `name` (constructor takes one config dataclass instance)."""
-    if name in _LOSSES:
-        raise ValueError(f"loss '{name}' is already registered")
-    _LOSSES[name] = (loss_cls, config_cls)
+    _LOSSES.register(name, (loss_cls, config_cls))
 
 
 def loss_names() -> list[str]:
-    return sorted(_LOSSES)
+    return _LOSSES.names()
 
 
-def build_loss(name: str, options: Mapping[str, Any] | None = None):
+def build_loss(name: str, options: Mapping[str, Any] | None = None) -> Loss:
     """Instantiate the loss registered as `name` with its config built from `options`."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss '{name}'{nearest(name, _LOSSES)} (valid losses: {', '.join(loss_names())})")
-    loss_cls, config_cls = _LOSSES[name]
-    return loss_cls(from_dict(config_cls, options, where=f"loss '{name}' options"))
+    loss_cls, config_cls = _LOSSES.get(name)
+    return check_loss(loss_cls(from_dict(config_cls, options, where=f"loss '{name}' options")))

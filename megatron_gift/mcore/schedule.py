@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
+from megatron_gift.algo.loss import has_coefficients
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
 from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
@@ -82,7 +83,7 @@ class GiftSchedule:
         if not self.config.calculate_per_token_loss:
             raise ValueError("the GIFT schedule needs calculate_per_token_loss=True in the model's TransformerConfig "
                              "(one division by the global number of sequences, see mcore/schedule.py)")
-        if settings.mode == "two_pass" and not hasattr(loss, "coefficients"):
+        if settings.mode == "two_pass" and not has_coefficients(loss):
             raise ValueError(f"the two-pass schedule needs analytic coefficients; loss '{loss.name}' has none")
         self._cp_rank = dist.get_rank(pg.cp) if dist.get_world_size(pg.cp) > 1 else 0
 

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from megatron_gift.algo.packing import pack_microbatches
 from megatron_gift.algo.registry import build_loss
+from megatron_gift.algo.loss import needs_reference_model
 from megatron_gift.hf.arch import HFArch
 from megatron_gift.planning.memory import TrainPlan, VllmPlan
 from megatron_gift.config.run import RunConfig
@@ -75,7 +76,7 @@ def check_layout(cfg: RunConfig, arch: HFArch, arch_path: str, nodes: int, gpus_
         distributed_optimizer=par.use_distributed_optimizer, dtype_bytes=_DTYPE_BYTES[cfg.precision.dtype],
         microbatches=t.microbatches, seqs_per_microbatch=groups_per_mb * t.responses_per_prompt, seq_len=seq_len,
         vocab_multiple=cfg.model.vocab_multiple,
-        reference_copy=loss.anchor == "ref" or bool(getattr(loss, "needs_ref_logprobs", False)),
+        reference_copy=needs_reference_model(loss),
         attention=attention, recompute=recompute)
     return rep
 

@@ -5,35 +5,33 @@ containing ':' is a user function's import path ("package.module:function"), loa
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from megatron_gift.rewards.base import RewardFn
 from megatron_gift.rewards.format_reward import build_format
 from megatron_gift.rewards.math_reward import build_math_verify
 from megatron_gift.rewards.reward_model import build_reward_model
 from megatron_gift.rewards.user import build_user_reward
-from megatron_gift.utils.dataclass_dict import nearest
+from megatron_gift.utils.registry import Registry
 
 RewardFactory = Callable[..., RewardFn]
 
-_REWARDS: Dict[str, RewardFactory] = {
+_REWARDS: Registry[RewardFactory] = Registry("reward", "rewards", {
     "math_verify": build_math_verify,
     "format": build_format,
     "reward_model": build_reward_model,
-}
+}, hint=", or a user function as 'package.module:function'")
 
 
 def register_reward(name: str, factory: RewardFactory) -> None:
     """Add a reward under `name`; `factory(**kwargs)` returns fn(prompts, responses, metadata) -> floats."""
     if ":" in name:
         raise ValueError(f"reward name {name!r}: ':' is reserved for import paths")
-    if name in _REWARDS:
-        raise ValueError(f"reward '{name}' is already registered")
-    _REWARDS[name] = factory
+    _REWARDS.register(name, factory)
 
 
 def reward_names() -> list[str]:
-    return sorted(_REWARDS)
+    return _REWARDS.names()
 
 
 def build_reward(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> RewardFn:
@@ -41,10 +39,8 @@ def build_reward(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Rewar
     kwargs = dict(kwargs or {})
     if ":" in name:
         return build_user_reward(name, **kwargs)
-    if name not in _REWARDS:
-        raise ValueError(f"unknown reward '{name}'{nearest(name, _REWARDS)} (valid rewards: "
-                         f"{', '.join(reward_names())}, or a user function as 'package.module:function')")
+    factory = _REWARDS.get(name)
     try:
-        return _REWARDS[name](**kwargs)
+        return factory(**kwargs)
     except TypeError as exc:  # a misspelt kwarg reaches the constructor as a TypeError; say which reward
         raise ValueError(f"reward '{name}': bad kwargs {sorted(kwargs)}: {exc}") from exc

@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional
 import torch.distributed as dist
 
 from megatron_gift.algo import build_loss
+from megatron_gift.algo.loss import needs_reference_model
 from megatron_gift.config.run import RunConfig
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
 from megatron_gift.hf.arch import HFArch, load_hf_arch
@@ -95,7 +96,7 @@ def build_models(cfg: RunConfig, arch: HFArch, loss, rt, weights_from_checkpoint
         policy = dist_ckpt.build_stage_model_unloaded(arch, kwargs["dtype"], cfg.model.vocab_multiple,
                                                       rt.device, perform_initialization=False, **extra)
     reference = None
-    if loss.anchor == "ref" or getattr(loss, "needs_ref_logprobs", False):
+    if needs_reference_model(loss):
         reference = rt_mod.build_stage_model(**kwargs, **extra).requires_grad_(False).eval()
     cfg.optim.bf16 = cfg.precision.dtype == "bfloat16"
     cfg.optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer

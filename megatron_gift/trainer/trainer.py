@@ -172,7 +172,7 @@ class Trainer:
         with self.timed("anchor"):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
             self.schedule.fill_anchor_logprobs(model, mbs)
-            if getattr(self.loss, "needs_ref_logprobs", False):
+            if self.loss.needs_ref_logprobs:
                 for mb, lp in zip(mbs, self.schedule.compute_logprobs([self.reference], mbs)):
                     mb.loss_inputs.ref_logprobs = lp * mb.loss_inputs.mask
 
