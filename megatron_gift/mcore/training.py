@@ -9,7 +9,7 @@ OptimizerParamScheduler, and the model-config hooks the schedule relies on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -37,25 +37,49 @@ class OptimSettings:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     bf16: bool = False
+    # fp16 (set from precision.dtype by the trainer): fp32 main weights, loss scaling. loss_scale None:
+    # dynamic (start at initial_loss_scale, halve after `hysteresis` overflowing steps, which are skipped,
+    # double after loss_scale_window clean ones, never below min_loss_scale); a number: static.
+    fp16: bool = False
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
     def __post_init__(self):
         if self.lr <= 0 or self.clip_grad < 0:
             raise ValueError(f"optimizer lr must be > 0 and clip_grad >= 0, got lr={self.lr}, clip_grad={self.clip_grad}")
         if self.decay_style not in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
             raise ValueError(f"unknown lr decay_style {self.decay_style!r}")
+        if self.loss_scale is not None and not self.loss_scale > 0:
+            raise ValueError(f"optim.loss_scale must be > 0 (or null: dynamic), got {self.loss_scale!r}")
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale or self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ValueError("optim: need 0 < min_loss_scale <= initial_loss_scale, loss_scale_window >= 1 and "
+                             f"hysteresis >= 1, got {self.min_loss_scale}, {self.initial_loss_scale}, "
+                             f"{self.loss_scale_window}, {self.hysteresis}")
+        if self.bf16 and self.fp16:
+            raise ValueError("optim: bf16 and fp16 are exclusive")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
 def wrap_for_training(chunks: List[torch.nn.Module], settings: OptimSettings, pg=None) -> List[DistributedDataParallel]:
-    """Float16Module (bf16) and DDP around each model chunk; sets calculate_per_token_loss on the config."""
+    """Float16Module (bf16 / fp16) and DDP around each model chunk; sets calculate_per_token_loss on the config."""
     config = get_model_config(chunks[0])
     config.calculate_per_token_loss = True  # the schedule's loss-scaling contract (mcore/schedule.py)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=settings.overlap_grad_reduce,
         overlap_param_gather=settings.overlap_param_gather,
-        use_distributed_optimizer=settings.use_distributed_optimizer, check_for_nan_in_grad=True)
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        # fp16: an overflowing loss scale makes inf / NaN gradients by design; the optimizer's loss scaler
+        # finds them, skips the step and backs off (a NaN check here would abort instead).
+        check_for_nan_in_grad=not settings.fp16)
     wrapped = []
     for i, chunk in enumerate(chunks):
-        module = Float16Module(config, chunk) if settings.bf16 else chunk
+        module = Float16Module(config, chunk) if settings.bf16 or settings.fp16 else chunk
         kwargs = {"pg_collection": pg} if pg is not None else {}
         wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0, **kwargs))
     return wrapped
@@ -66,8 +90,10 @@ def build_optimizer(model: List[DistributedDataParallel], settings: OptimSetting
     opt_config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad, bf16=settings.bf16, params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
-        use_distributed_optimizer=settings.use_distributed_optimizer)
+        clip_grad=settings.clip_grad, bf16=settings.bf16, fp16=settings.fp16, params_dtype=settings.params_dtype,
+        loss_scale=settings.loss_scale, initial_loss_scale=settings.initial_loss_scale,
+        min_loss_scale=settings.min_loss_scale, loss_scale_window=settings.loss_scale_window,
+        hysteresis=settings.hysteresis, use_distributed_optimizer=settings.use_distributed_optimizer)
     # Megatron refuses an explicit pg_collection together with its gloo helper groups (used by the
     # distributed optimizer's checkpointing), so the optimizer takes parallel_state's groups.
     optimizer = get_megatron_optimizer(opt_config, model)

@@ -99,6 +99,7 @@ def build_models(cfg: RunConfig, arch: HFArch, loss, rt, weights_from_checkpoint
     if needs_reference_model(loss):
         reference = rt_mod.build_stage_model(**kwargs, **extra).requires_grad_(False).eval()
     cfg.optim.bf16 = cfg.precision.dtype == "bfloat16"
+    cfg.optim.fp16 = cfg.precision.dtype == "float16"  # fp32 main weights and loss scaling (optim.loss_scale)
     cfg.optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
     model = wrap_for_training([policy], cfg.optim, rt.pg)
     optimizer, scheduler = build_optimizer(model, cfg.optim, rt.pg)

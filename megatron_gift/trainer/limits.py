@@ -2,9 +2,7 @@
 
 Owns the trainer's refusals, checked first thing in `Trainer.__init__` (before the runtime, the models or
 the engines are started), so that no setting is accepted and then ignored:
-- `parallel.vpp` > 1: the trainer builds one model chunk per pipeline stage (no virtual-pipeline chunks);
-- `precision.dtype: float16`: fp16 training needs Float16Module plus dynamic loss scaling in the optimizer,
-  which the trainer does not set up (bfloat16 needs no loss scaling and is what the recipes use).
+- `parallel.vpp` > 1: the trainer builds one model chunk per pipeline stage (no virtual-pipeline chunks).
 """
 from __future__ import annotations
 
@@ -16,6 +14,3 @@ def check_trainer_supports(cfg) -> None:
         raise ValueError(f"parallel.vpp={vpp}: the trainer builds one model chunk per pipeline stage (no "
                          "interleaved virtual pipeline); leave parallel.vpp unset (or 1). The dry run still "
                          "costs vpp > 1 as a what-if.")
-    if cfg.precision.dtype == "float16":
-        raise ValueError("precision.dtype=float16: the trainer has no fp16 loss scaling; use bfloat16 "
-                         "(or float32)")

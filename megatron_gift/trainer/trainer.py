@@ -255,6 +255,9 @@ class Trainer:
             result = self.train(mbs)
             values.update(result.values())
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+            if self.cfg.optim.fp16:  # an overflow skips the update and halves the loss scale
+                values["skipped_updates"] = values.get("skipped_updates", 0.0) + float(not result.update_successful)
+                values["loss_scale"] = float(self.optimizer.get_loss_scale())
         self.sync_weights()
         self.step += 1
         return self._step_metrics(values, rewards, stats, time.perf_counter() - t0)

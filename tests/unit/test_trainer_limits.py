@@ -27,18 +27,26 @@ def test_replica_share_per_update_must_be_whole_groups():
         cfg.check_world(4)
 
 
-@pytest.mark.parametrize("section, match", [
-    ({"parallel": {"pp": 2, "vpp": 2}}, r"parallel.vpp=2: the trainer builds one model chunk"),
-    ({"precision": {"dtype": "float16"}}, r"precision.dtype=float16: the trainer has no fp16 loss scaling"),
-])
-def test_trainer_refuses_settings_it_would_ignore_before_starting(section, match):
+def test_trainer_refuses_vpp_before_starting():
     from megatron_gift.trainer.trainer import Trainer
-    cfg = run_config_from_dict({**BASE, **section})
-    with pytest.raises(ValueError, match=match):
+    cfg = run_config_from_dict({**BASE, "parallel": {"pp": 2, "vpp": 2}})
+    with pytest.raises(ValueError, match=r"parallel.vpp=2: the trainer builds one model chunk"):
         Trainer(cfg)
 
 
-def test_vpp_one_and_bfloat16_pass_the_trainer_check():
+def test_vpp_one_passes_the_trainer_check():
     from megatron_gift.trainer.limits import check_trainer_supports
-    check_trainer_supports(run_config_from_dict({**BASE, "parallel": {"pp": 2, "vpp": 1},
-                                                 "precision": {"dtype": "bfloat16"}}))
+    check_trainer_supports(run_config_from_dict({**BASE, "parallel": {"pp": 2, "vpp": 1}}))
+
+
+def test_fp16_optimizer_settings():
+    """precision.dtype float16 trains with Megatron's fp16 optimizer (tests/distributed/test_fp16_training.py)."""
+    from megatron_gift.mcore.training import OptimSettings
+    import torch
+    assert OptimSettings(fp16=True).params_dtype is torch.float16 and OptimSettings().params_dtype is torch.float32
+    with pytest.raises(ValueError, match="optim.loss_scale must be > 0"):
+        OptimSettings(fp16=True, loss_scale=0.0)
+    with pytest.raises(ValueError, match="min_loss_scale <= initial_loss_scale"):
+        OptimSettings(fp16=True, min_loss_scale=4.0, initial_loss_scale=2.0)
+    with pytest.raises(ValueError, match="bf16 and fp16 are exclusive"):
+        OptimSettings(bf16=True, fp16=True)
