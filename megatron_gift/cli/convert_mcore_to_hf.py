@@ -11,7 +11,6 @@ which transformers.AutoModelForCausalLM.from_pretrained loads. Written atomicall
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,36 +21,17 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     """Library entry point; returns a small summary (tensor count, bytes, seconds)."""
     from tqdm import tqdm
 
-    from megatron_gift.hf.files import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
-    from megatron_gift.hf.arch import load_hf_arch
-    from megatron_gift.mcore.model import resolve_dtype
-    from megatron_gift.mcore.convert import (
-        iter_mcore_checkpoint_as_hf,
-        read_conversion_info,
-        single_process_parallel_state,
-    )
+    from megatron_gift.hf.files import atomic_output_dir
+    from megatron_gift.mcore.convert import read_conversion_info, write_mcore_checkpoint_as_hf
 
     mcore_dir = Path(mcore_dir)
-    info = read_conversion_info(mcore_dir)
-    arch = load_hf_arch(mcore_dir)
-    # Megatron's local-spec norms keep float32 weights in a bf16 model; HF gets the declared dtype throughout.
-    dtype = resolve_dtype(info["dtype"])
+    read_conversion_info(mcore_dir)  # a directory that is not a conversion is an error before --out is touched
     start = time.perf_counter()
-    n = 0
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        with single_process_parallel_state():
-            for name, tensor in tqdm(iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, arch), desc="mcore->hf",
-                                     unit="tensor", disable=quiet):
-                writer.add(name, tensor.to(dtype))
-                n += 1
-        writer.finish()
-        config = json.loads((mcore_dir / "config.json").read_text())
-        config["dtype"] = info["dtype"]  # the tensors are written in the checkpoint's dtype
-        config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copy_side_files(mcore_dir, tmp)
-    return {"tensors": n, "bytes": writer.total_bytes, "seconds": round(time.perf_counter() - start, 3)}
+        n, size = write_mcore_checkpoint_as_hf(mcore_dir, tmp, key_prefix, max_shard_bytes,
+                                               progress=lambda it: tqdm(it, desc="mcore->hf", unit="tensor",
+                                                                        disable=quiet))
+    return {"tensors": n, "bytes": size, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def main(argv=None) -> int:

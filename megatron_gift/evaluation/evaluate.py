@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_gift.data import PromptDataConfig, PromptDataset, build_prompt_dataset, load_tokenizer
+from megatron_gift.hf.files import CONVERSION_INFO
 from megatron_gift.rewards import RewardConfig, build_rewards
 from megatron_gift.rollout.base import RolloutEngine, SamplingConfig
-
-MCORE_MARKER = "megatron_gift_conversion.json"
 
 
 @dataclass
@@ -109,34 +108,18 @@ def model_kind(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p}")
-    if (p / MCORE_MARKER).is_file():
+    if (p / CONVERSION_INFO).is_file():
         return "mcore"
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise ValueError(f"{p}: neither a Hugging Face model dir (config.json + *.safetensors) nor a Megatron "
-                     f"checkpoint ({MCORE_MARKER} + model/, as tools/convert_hf_to_mcore.py writes)")
+                     f"checkpoint ({CONVERSION_INFO} + model/, as tools/convert_hf_to_mcore.py writes)")
 
 
 def export_mcore_to_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "") -> None:
     """Write the HF form of a converted Megatron checkpoint into the (new, empty) out_dir, one key at a time."""
-    from megatron_gift.hf.files import ShardedSafetensorsWriter, copy_side_files
-    from megatron_gift.hf.arch import load_hf_arch
-    from megatron_gift.mcore.convert import (iter_mcore_checkpoint_as_hf, read_conversion_info,
-                                             single_process_parallel_state)
-    from megatron_gift.mcore.model import resolve_dtype
-
-    info = read_conversion_info(mcore_dir)
-    dtype = resolve_dtype(info["dtype"])
-    writer = ShardedSafetensorsWriter(out_dir)
-    with single_process_parallel_state():
-        for name, tensor in iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, load_hf_arch(mcore_dir)):
-            writer.add(name, tensor.to(dtype))
-    writer.finish()
-    config = json.loads((mcore_dir / "config.json").read_text())
-    config["dtype"] = info["dtype"]
-    config.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    copy_side_files(mcore_dir, out_dir)
+    from megatron_gift.mcore.convert import write_mcore_checkpoint_as_hf
+    write_mcore_checkpoint_as_hf(mcore_dir, out_dir, key_prefix)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
+# The marker of a converted Megatron checkpoint directory (mcore/convert.py writes and reads it; evaluation
+# recognises such a directory by it): defined here, in a module that does not import megatron.
+CONVERSION_INFO = "megatron_gift_conversion.json"
 SINGLE_NAME = "model.safetensors"
 # Everything a tokenizer / generation setup may need; copied when present.
 SIDE_FILES = (

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_gift.hf.files import CheckpointError, HFReader
+from megatron_gift.hf.files import CONVERSION_INFO, CheckpointError, HFReader, ShardedSafetensorsWriter, copy_side_files
 from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, load_hf_arch
 from megatron_gift.hf.mapping import (
     Entry,
@@ -41,9 +41,8 @@ from megatron_gift.hf.mapping import (
     mcore_to_hf_tensors,
     unexpected_hf_names,
 )
-from megatron_gift.mcore.model import build_gpt_model
+from megatron_gift.mcore.model import build_gpt_model, resolve_dtype
 
-CONVERSION_INFO = "megatron_gift_conversion.json"
 MODEL_SUBDIR = "model"
 FORMAT_VERSION = 1
 _LAYER_PREFIX = "decoder.layers."
@@ -220,6 +219,32 @@ _TP_DIM_BY_SUFFIX = (
 )
 
 
+def write_mcore_checkpoint_as_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "",
+                                 max_shard_bytes: int = 2 * 1024**3,
+                                 progress: Callable[[Iterator], Iterator] = lambda it: it) -> Tuple[int, int]:
+    """Write the HF form of a converted Megatron checkpoint into the (new, empty) out_dir, one key at a time:
+    sharded safetensors + index in the checkpoint's dtype, config.json, tokenizer files. `progress` wraps the
+    tensor stream (a progress bar). Returns (tensors, bytes). The converter CLI and the evaluation use it."""
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    info = read_conversion_info(mcore_dir)
+    arch = load_hf_arch(mcore_dir)
+    # Megatron's local-spec norms keep float32 weights in a bf16 model; HF gets the declared dtype throughout.
+    dtype = resolve_dtype(info["dtype"])
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    n = 0
+    with single_process_parallel_state():
+        for name, tensor in progress(iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, arch)):
+            writer.add(name, tensor.to(dtype))
+            n += 1
+    writer.finish()
+    config = json.loads((mcore_dir / "config.json").read_text())
+    config["dtype"] = info["dtype"]  # the tensors are written in the checkpoint's dtype
+    config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    copy_side_files(mcore_dir, out_dir)
+    return n, writer.total_bytes
+
+
 def _tp_dim(name: str) -> Optional[int]:
     return next((d for suffix, d in _TP_DIM_BY_SUFFIX if name.endswith(suffix)), None)
 
@@ -238,17 +263,18 @@ def _gather_tp(name: str, p: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_model_as_hf(model: torch.nn.Module, arch: HFArch, tp_group=None) -> Iterator[Tuple[str, torch.Tensor]]:
     """This pipeline stage's parameters as (hf_name, full tensor), gathered over TP, global layer numbers.
 
     Every TP rank of the stage must iterate it to the end (it all-gathers); all of them get the tensors.
     The model must be the bare GPTModel (unwrap DDP / Float16Module first). This is the Megatron side
-    of the rollout weight sync; names come from checkpoint/mapping.py.
+    of the rollout weight sync; names come from checkpoint/mapping.py. tp_group: the tensor-parallel group
+    (None: Megatron's parallel_state one).
     """
     layers = getattr(getattr(model, "decoder", None), "layers", None)
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group)
     gathered = ((n, _gather_tp(n, p, tp_group, tp)) for n, p in model.named_parameters())
     yield from mcore_to_hf_tensors(None, gathered, layer_offset=offset, arch=arch)
 

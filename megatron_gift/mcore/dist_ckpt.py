@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -64,10 +65,16 @@ def training_sharded_state_dict(model: List[torch.nn.Module], optimizer, is_load
     return state
 
 
-def _save_strategy(parallel: bool):
+def _dp_cp_group(pg=None):
+    """The data-parallel x context-parallel group: pg.dp_cp of a ProcessGroupCollection, else parallel_state's."""
+    return pg.dp_cp if pg is not None else ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy(parallel: bool, pg=None):
     strategy = get_default_save_sharded_strategy()
-    if parallel and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
-        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+    group = _dp_cp_group(pg)
+    if parallel and dist.get_world_size(group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
     return strategy
 
 
@@ -91,29 +98,31 @@ def check_checkpointable(model: List[torch.nn.Module], optimizer) -> None:
 
 
 def save_training_state(model: List[torch.nn.Module], optimizer, plain: Dict[str, Any], ckpt_dir: Path,
-                        async_save: bool = False, optim_sharding: str = OPTIM_SHARDING):
+                        async_save: bool = False, optim_sharding: str = OPTIM_SHARDING, pg=None):
     """Write model + optimizer (sharded) and `plain` (common part, rank 0) into the EXISTING empty `ckpt_dir`.
 
     All ranks call it. Returns None, or with `async_save` the megatron AsyncRequest that writes the
     tensors (schedule it with `AsyncSaver`); its finalisation writes dist-checkpointing's metadata.json.
+    pg: the run's ProcessGroupCollection (its dp_cp group shares the writing; None: parallel_state's).
     """
     state = training_sharded_state_dict(model, optimizer, is_loading=False, optim_sharding=optim_sharding)
     overlap = set(state) & set(plain)
     if overlap:
         raise ValueError(f"checkpoint plain items clash with sharded keys: {sorted(overlap)}")
     state.update(plain)
-    return dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=_save_strategy(True),
+    return dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=_save_strategy(True, pg),
                                    async_sharded_save=async_save)
 
 
 def load_training_state(model: List[torch.nn.Module], optimizer, ckpt_dir: Path,
-                        optim_sharding: str = OPTIM_SHARDING) -> Dict[str, Any]:
+                        optim_sharding: str = OPTIM_SHARDING, pg=None) -> Dict[str, Any]:
     """Load model + optimizer from `ckpt_dir` into this layout; returns the plain (common) items."""
     _allocate_distributed_optimizer_state(optimizer)
     state = training_sharded_state_dict(model, optimizer, is_loading=True, optim_sharding=optim_sharding)
     strategy = get_default_load_sharded_strategy(str(ckpt_dir))
-    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
-        strategy = FullyParallelLoadStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+    group = _dp_cp_group(pg)
+    if dist.get_world_size(group) > 1:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, group)
     loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=strategy)
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(loaded.pop(_chunk_key(i, len(model))), strict=True)

@@ -24,6 +24,7 @@ from megatron_gift.hf.arch import HFArch
 from megatron_gift.mcore.convert import copy_hf_into_model, load_mcore_checkpoint
 from megatron_gift.mcore.model import build_gpt_model
 from megatron_gift.mcore.parallel import destroy_parallel, initialize_parallel
+from megatron_gift.utils.device import compute_device
 
 
 @dataclass
@@ -72,7 +73,7 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
                             timeout=timedelta(seconds=timeout_s))
     initialize_parallel(tp, pp, cp, vpp, seed=seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = compute_device()
     return Runtime(rank=rank, world_size=world, dp=dp, dp_rank=dp_rank,
                    pg=ProcessGroupCollection.use_mpu_process_groups(), device=device, _stack=stack)
 

@@ -32,6 +32,7 @@ from megatron_gift.algo.loss import has_coefficients
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
 from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
+from megatron_gift.utils.device import compute_device
 
 
 
@@ -189,7 +190,7 @@ class GiftSchedule:
         """Sum pairs over DP (max for *_max metrics), then broadcast from the last pipeline stage."""
         pairs = reduce_metrics([{k: v for k, v in d.items() if v.shape == (2,)} for d in stored]) if stored else {}
         names = sorted(pairs)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = compute_device()
         last = dist.get_process_group_ranks(self.pg.pp)[-1] if dist.get_world_size(self.pg.pp) > 1 else None
         if last is not None:
             box = [names]

@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_gift.hf.arch import HFArch
 from megatron_gift.mcore.convert import iter_model_as_hf
+from megatron_gift.utils.device import compute_device
 
 _DONE = "__end_of_stage__"
 
@@ -27,27 +28,29 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def iter_policy_as_hf(model: List[torch.nn.Module], arch: HFArch) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_policy_as_hf(model: List[torch.nn.Module], arch: HFArch, pg=None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yields every (hf_name, full tensor) of the model on every rank, in the same order everywhere.
 
     Every rank must exhaust it: it all-gathers over the tensor-parallel group and broadcasts each stage's
-    tensors over the pipeline group (each pipeline group, one per TP / CP / DP position, on its own)."""
+    tensors over the pipeline group (each pipeline group, one per TP / CP / DP position, on its own).
+    pg: the ProcessGroupCollection whose tp and pp groups are used (None: Megatron's parallel_state groups)."""
     for chunk in model:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)  # lazily gathered params (overlap_param_gather) made current
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    pp_group = pg.pp if pg is not None else ps.get_pipeline_model_parallel_group()
+    tp_group = pg.tp if pg is not None else None
+    pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
     if pp == 1:
         for chunk in model:
-            yield from iter_model_as_hf(unwrap(chunk), arch)
+            yield from iter_model_as_hf(unwrap(chunk), arch, tp_group)
         return
-    pp_group = ps.get_pipeline_model_parallel_group()
     stage_ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp):
         src = stage_ranks[stage]
         if stage == pp_rank:
             for chunk in model:
-                for name, tensor in iter_model_as_hf(unwrap(chunk), arch):
+                for name, tensor in iter_model_as_hf(unwrap(chunk), arch, tp_group):
                     _broadcast_tensor(pp_group, src, name, tensor)
                     yield name, tensor
             _broadcast_meta(pp_group, src, (_DONE, None, None))
@@ -56,19 +59,15 @@ def iter_policy_as_hf(model: List[torch.nn.Module], arch: HFArch) -> Iterator[Tu
                 name, shape, dtype = _broadcast_meta(pp_group, src, None)
                 if name == _DONE:
                     break
-                buffer = torch.empty(shape, dtype=dtype, device=_comm_device())
+                buffer = torch.empty(shape, dtype=dtype, device=compute_device())
                 dist.broadcast(buffer, src=src, group=pp_group)
                 yield name, buffer
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _broadcast_tensor(group, src: int, name: str, tensor: torch.Tensor) -> None:
     """Name, shape and dtype as a small object, then the tensor itself (no pickling of the data)."""
     _broadcast_meta(group, src, (name, tuple(tensor.shape), tensor.dtype))
-    dist.broadcast(tensor.detach().contiguous().to(_comm_device()), src=src, group=group)
+    dist.broadcast(tensor.detach().contiguous().to(compute_device()), src=src, group=group)
 
 
 def _broadcast_meta(group, src: int, meta):

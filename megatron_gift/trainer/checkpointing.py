@@ -54,12 +54,12 @@ class TrainingCheckpointer:
 
     def __init__(self, files: ckpt_files.CheckpointManager, model, optimizer, parts: Mapping[str, Stateful],
                  metadata: Dict[str, Any], rank: int, async_saver: Optional[dist_ckpt.AsyncSaver] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, pg=None):
         for name, part in parts.items():
             if not isinstance(part, Stateful) or name == "step":
                 raise TypeError(f"checkpoint part {name!r} must have state_dict() / load_state_dict()")
         self.files, self.model, self.optimizer, self.parts = files, model, optimizer, dict(parts)
-        self.metadata, self.rank, self.async_saver, self.log = metadata, rank, async_saver, log
+        self.metadata, self.rank, self.async_saver, self.log, self.pg = metadata, rank, async_saver, log, pg
 
     def save(self, step: int, metrics_path: Optional[Path] = None) -> float:
         """All ranks: write this step's checkpoint into a tmp dir; committed (marker + rename) when complete.
@@ -76,7 +76,7 @@ class TrainingCheckpointer:
         dist.barrier()
         plain = {"gift": {"step": step, **{name: part.state_dict() for name, part in self.parts.items()}}}
         request = dist_ckpt.save_training_state(self.model, self.optimizer, plain, tmp / "model",
-                                                async_save=self.async_saver is not None)
+                                                async_save=self.async_saver is not None, pg=self.pg)
         if request is None:
             self.files.commit(tmp, step)
         else:
@@ -97,7 +97,7 @@ class TrainingCheckpointer:
     def load(self, path: Path) -> Tuple[int, str]:
         """All ranks: weights, optimizer, the named parts (any layout); RNG states when the layout is the one
         saved. Returns (step, a note on the RNG states)."""
-        plain = dist_ckpt.load_training_state(self.model, self.optimizer, path / "model")["gift"]
+        plain = dist_ckpt.load_training_state(self.model, self.optimizer, path / "model", pg=self.pg)["gift"]
         for name, part in self.parts.items():
             part.load_state_dict(plain[name])
         saved_layout = ckpt_files.read_metadata(path)["layout"]

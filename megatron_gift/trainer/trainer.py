@@ -108,7 +108,7 @@ class Trainer:
         self.checkpointer = TrainingCheckpointer(
             checkpoint_files, self.model, self.optimizer, {"scheduler": self.scheduler, "sampler": self.sampler},
             {"fingerprint": fingerprint(cfg, self.arch, self.loss), "layout": layout(cfg, self.rt),
-             "config": to_plain(cfg)}, self.rt.rank, self.async_saver, log=self.say)
+             "config": to_plain(cfg)}, self.rt.rank, self.async_saver, log=self.say, pg=self.rt.pg)
         self.step = 0
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -185,7 +185,7 @@ class Trainer:
     def sync_weights(self) -> None:
         """Every rank's engine gets the full trained weights (gathered over TP, broadcast over PP)."""
         with self.timed("weight_sync"):
-            self.engine.update_weights(iter_policy_as_hf(self.model, self.arch))
+            self.engine.update_weights(iter_policy_as_hf(self.model, self.arch, self.rt.pg))
 
     def evaluate(self) -> Dict[str, float]:
         """Greedy reward on the first eval prompts, split over every engine; the same value on every rank."""
