@@ -251,7 +251,7 @@ def run_evaluation(job: EvalJob, log: Callable[[str], None] = print, engine_fact
             finally:
                 engine.close()
     finally:
-        _close_rewards(rewards)
+        rewards.close()
     report = {
         "model": str(Path(job.model).absolute()), "model_format": kind,
         "data": str(Path(job.data.path).absolute()), "num_prompts": len(rows),
@@ -282,10 +282,3 @@ def _on_gpu() -> bool:
 def _vllm_engine(config):
     from megatron_gift.rollout.vllm_engine import VllmEngine
     return VllmEngine(config)
-
-
-def _close_rewards(rewards) -> None:
-    for _, fn in getattr(rewards, "functions", []):
-        close = getattr(fn, "close", None)
-        if callable(close):
-            close()

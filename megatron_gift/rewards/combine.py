@@ -103,6 +103,19 @@ class CombinedReward:
         PromptRecord), one record per response."""
         return self.score([r.text for r in records], responses, [r.reward_metadata() for r in records])
 
+    def close(self) -> None:
+        """Release what the terms hold (math_verify's worker processes); every term's close() is tried."""
+        errors = []
+        for _, fn in self.functions:
+            close = getattr(fn, "close", None)  # a reward function may be a plain function (user rewards)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:  # noqa: BLE001 -- close the others, then report the first
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
 
 def build_rewards(config: RewardConfig | Mapping[str, Any]) -> CombinedReward:
     """The trainer's entry point: a CombinedReward from a RewardConfig or its dict form."""

@@ -328,5 +328,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         self.engine.close()
+        if self.rewards is not None:
+            self.rewards.close()  # math_verify's worker processes
         self.ft.close()
         self.rt.close()

@@ -139,3 +139,19 @@ def test_wrong_types_and_overflowing_sum_are_errors(user_module):
     fn = build_rewards({"nonfinite_penalty": 0.0, "terms": [{"name": "my_rewards_mod:huge", "weight": 10.0}]})
     with pytest.raises(RewardError, match="reward 'weighted sum' gave inf for response 0"):
         fn(PROMPTS, RESPONSES, META)
+
+
+def test_close_stops_the_math_verify_worker_processes():
+    """The trainer (and the evaluation) close the combined reward: math_verify's pool processes are gone."""
+    rewards = build_rewards({"terms": [{"name": "math_verify", "kwargs": {"num_workers": 2}},
+                                       {"name": "format", "weight": 0.5, "kwargs": {"pattern": "####"}}]})
+    pooled = rewards.functions[0][1]
+    try:
+        scores = rewards(["p"] * 4, ["#### 4", "5", "#### 6", "7"], [{"answer": str(a)} for a in (4, 5, 9, 7)])
+        assert scores == [1.5, 1.0, 0.5, 1.0]
+        processes = list(pooled._pool._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    finally:
+        rewards.close()
+    assert pooled._pool is None and not any(p.is_alive() for p in processes)
+    rewards.close()  # twice is harmless
