@@ -9,7 +9,7 @@ OptimizerParamScheduler, and the model-config hooks the schedule relies on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -38,14 +38,16 @@ class OptimSettings:
     overlap_param_gather: bool = False
     bf16: bool = False
     # fp16 (set from precision.dtype by the trainer): fp32 main weights, loss scaling. loss_scale None:
-    # dynamic (start at initial_loss_scale, halve after `hysteresis` overflowing steps, which are skipped,
-    # double after loss_scale_window clean ones, never below min_loss_scale); a number: static.
+    # dynamic (start at initial_loss_scale, halve after `hysteresis` overflowing updates, which are skipped
+    # and redone on the same batch by `step_until_no_overflow`, double after loss_scale_window clean ones,
+    # never below min_loss_scale); a number: static. GIFT's first update of a rollout batch with anchor `old`
+    # has implicit std 0, so coefficients ~ 1/eps: its gradients fit fp16 only at scales well below 1.
     fp16: bool = False
     loss_scale: Optional[float] = None
     initial_loss_scale: float = 2.0 ** 16
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = 2.0 ** -24
     loss_scale_window: int = 1000
-    hysteresis: int = 2
+    hysteresis: int = 1
 
     def __post_init__(self):
         if self.lr <= 0 or self.clip_grad < 0:
@@ -110,3 +112,20 @@ def build_optimizer(model: List[DistributedDataParallel], settings: OptimSetting
     if settings.overlap_param_gather:
         config.param_sync_func = [m.start_param_sync for m in model] if len(model) > 1 else model[0].start_param_sync
     return optimizer, scheduler
+
+
+def step_until_no_overflow(step: Callable[[], Any], optimizer, settings: OptimSettings) -> Tuple[Any, int]:
+    """Run `step()` (forward-backward + optimizer step, returning a result with `update_successful`); under
+    fp16 an overflowing step, which the optimizer skipped after lowering the loss scale, is redone on the same
+    batch (no rollout is wasted) until it fits. Returns (result, redone steps). Every rank agrees on the
+    overflow (Megatron reduces it over the model-parallel group; gradients are already data-parallel reduced).
+    An overflow at optim.min_loss_scale (or with a static optim.loss_scale) is an error, not an endless loop."""
+    result, redone = step(), 0
+    while settings.fp16 and not result.update_successful:
+        scale = float(optimizer.get_loss_scale())
+        if settings.loss_scale is not None or scale <= settings.min_loss_scale:
+            raise FloatingPointError(
+                f"fp16 gradients are not finite at loss scale {scale:g} (optim.loss_scale={settings.loss_scale}, "
+                f"optim.min_loss_scale={settings.min_loss_scale:g}): lower the scale, or train in bfloat16")
+        result, redone = step(), redone + 1
+    return result, redone

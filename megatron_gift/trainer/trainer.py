@@ -38,6 +38,7 @@ from megatron_gift.config.schema import to_plain, write_resolved
 from megatron_gift.mcore import dist_ckpt
 from megatron_gift.mcore import runtime as rt_mod
 from megatron_gift.mcore.precision import check_fp8_supported
+from megatron_gift.mcore.training import step_until_no_overflow
 from megatron_gift.mcore.weight_sync import iter_policy_as_hf
 from megatron_gift.resilience.fault_tolerance import FaultTolerance
 from megatron_gift.resilience.stop import REQUEUE_FILE, StopRequest
@@ -177,10 +178,12 @@ class Trainer:
                     mb.loss_inputs.ref_logprobs = lp * mb.loss_inputs.mask
 
     def train(self, mbs):
+        """One optimizer update on the microbatches; returns (step result, updates redone after an fp16 overflow)."""
         with self.timed("train"):
-            result = self.schedule.train_step(mbs, self.optimizer)
+            result, redone = step_until_no_overflow(lambda: self.schedule.train_step(mbs, self.optimizer),
+                                                    self.optimizer, self.cfg.optim)
             self.scheduler.step(1)
-        return result
+        return result, redone
 
     def sync_weights(self) -> None:
         """Every rank's engine gets the full trained weights (gathered over TP, broadcast over PP)."""
@@ -252,11 +255,11 @@ class Trainer:
             self.anchor(mbs)
         values: Dict[str, float] = {}
         for mbs in batches:
-            result = self.train(mbs)
+            result, redone = self.train(mbs)
             values.update(result.values())
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
-            if self.cfg.optim.fp16:  # an overflow skips the update and halves the loss scale
-                values["skipped_updates"] = values.get("skipped_updates", 0.0) + float(not result.update_successful)
+            if self.cfg.optim.fp16:  # an overflow halves the loss scale and the update is redone
+                values["fp16_redone_updates"] = values.get("fp16_redone_updates", 0.0) + redone
                 values["loss_scale"] = float(self.optimizer.get_loss_scale())
         self.sync_weights()
         self.step += 1

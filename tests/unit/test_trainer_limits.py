@@ -50,3 +50,35 @@ def test_fp16_optimizer_settings():
         OptimSettings(fp16=True, min_loss_scale=4.0, initial_loss_scale=2.0)
     with pytest.raises(ValueError, match="bf16 and fp16 are exclusive"):
         OptimSettings(bf16=True, fp16=True)
+
+
+def test_an_overflowing_fp16_update_is_redone_until_it_fits_and_an_error_at_the_floor():
+    from types import SimpleNamespace
+
+    from megatron_gift.mcore.training import OptimSettings, step_until_no_overflow
+
+    class Scaler:  # what Megatron's optimizer does on overflow: skip the update and halve the scale
+        def __init__(self, scale, fits_below):
+            self.scale, self.fits_below, self.calls = scale, fits_below, 0
+
+        def get_loss_scale(self):
+            return self.scale
+
+        def step(self):
+            self.calls += 1
+            ok = self.scale <= self.fits_below
+            if not ok:
+                self.scale /= 2
+            return SimpleNamespace(update_successful=ok)
+
+    opt = Scaler(2.0 ** 16, fits_below=2.0 ** -3)
+    result, redone = step_until_no_overflow(opt.step, opt, OptimSettings(fp16=True))
+    assert result.update_successful and redone == 19 and opt.calls == 20 and opt.scale == 2.0 ** -3
+    opt = Scaler(2.0 ** 16, fits_below=2.0 ** -3)
+    with pytest.raises(FloatingPointError, match=r"not finite at loss scale 1 .*optim.min_loss_scale=1"):
+        step_until_no_overflow(opt.step, opt, OptimSettings(fp16=True, min_loss_scale=1.0))
+    opt = Scaler(8.0, fits_below=1.0)
+    with pytest.raises(FloatingPointError, match=r"optim.loss_scale=8.0"):  # a static scale is not lowered
+        step_until_no_overflow(opt.step, opt, OptimSettings(fp16=True, loss_scale=8.0))
+    opt = Scaler(8.0, fits_below=1.0)  # bf16 / fp32: a skipped update is not redone
+    assert step_until_no_overflow(opt.step, opt, OptimSettings())[1] == 0 and opt.calls == 1
