@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
