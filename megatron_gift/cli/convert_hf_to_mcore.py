@@ -1,6 +1,6 @@
 """Convert a Hugging Face checkpoint (safetensors) into a Megatron-Core distributed checkpoint.
 
-    python tools/convert_hf_to_mcore.py --hf-dir DIR --out DIR [--dtype bfloat16] [--overwrite]
+    megatron-gift-convert-hf-to-mcore --hf-dir DIR --out DIR [--dtype bfloat16] [--overwrite]
 
 Output layout: see megatron_gift/mcore/convert.py. Tensors stream from the safetensors shards one
 parameter at a time into a model built for TP=1/PP=1 (no random init), then are saved with

@@ -24,7 +24,7 @@ from megatron_gift.utils.dataclass_dict import from_dict, nearest
 @dataclass
 class ModelConfig:
     """hf_dir: the Hugging Face checkpoint the policy, the reference and the rollout engine start from;
-    mcore_dir: its converted Megatron checkpoint (tools/convert_hf_to_mcore.py), needed for TP or PP > 1.
+    mcore_dir: its converted Megatron checkpoint (megatron-gift-convert-hf-to-mcore), needed for TP or PP > 1.
     Leave it empty with a `warmstart` section to have the trainer make (and cache) a tiny warm-started one."""
 
     hf_dir: str = ""
