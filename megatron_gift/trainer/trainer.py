@@ -1,6 +1,6 @@
 """The GIFT training loop: one method per phase of a step, timed.
 
-Owns the order of a step (DESIGN.md "One training step"): sample prompts -> generate N responses per
+Owns the order of a step (docs/architecture.md "One training step"): sample prompts -> generate N responses per
 prompt -> score -> pack whole groups -> anchor log-probs -> GIFT (or GRPO) forward-backward and optimizer
 step -> push weights to the engines -> log. Every rank samples the same global prompt batch from the same
 sampler state, so the sampler position is identical everywhere. Every rank hosts a colocated vLLM engine
@@ -251,7 +251,7 @@ class Trainer(TrainerCheckpointing):
     def verify_weight_sync(self, num_prompts: int = 4, max_new_tokens: int = 12) -> float:
         """Fraction of prompts whose greedy continuation from the engine equals the trainer model's.
 
-        A sanity check of the weight sync (DESIGN contract); single-stage, single-TP layouts only.
+        A sanity check of the weight sync (docs/architecture.md, step 8); single-stage, single-TP layouts only.
         """
         if self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp != 1:
             raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=1)")
