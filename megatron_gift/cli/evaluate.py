@@ -23,6 +23,8 @@ import argparse
 import os
 import sys
 
+from megatron_gift.hf.hub import resolve_model_dir
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +96,7 @@ def build_job(args):
         engine["max_model_len"] = args.max_model_len
     if args.kv_cache_gb:
         engine["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
-    return EvalJob(model=args.model, data=data, rewards=_rewards(args), settings=settings, engine=engine,
+    return EvalJob(model=resolve_model_dir(args.model, "--model"), data=data, rewards=_rewards(args), settings=settings, engine=engine,
                    tokenizer=args.tokenizer, key_prefix=args.key_prefix, per_prompt=args.per_prompt)
 
 
