@@ -1,4 +1,4 @@
-"""The GIFT loss (GIFT_SPEC.md): MSE between group-normalised explicit and implicit rewards.
+"""The GIFT loss (docs/algorithm.md): MSE between group-normalised explicit and implicit rewards.
 
 Owns the loss of one microbatch of whole groups, its metrics, and the analytic per-sequence
 coefficients c_j = dL/dh_j used by the two-pass schedule. Pure torch: no megatron, no vllm.
@@ -136,7 +136,7 @@ class GIFTLoss:
         detached: c_j = -(2 beta / (N_total (s + eps))) * (A_j - beta z_j)
         full:     c_j = (g_j - mean_g(g) - z_j (s + eps) / ((N - 1) s) * sum_g(g z)) / (s + eps),
                   with g_i = -(2 beta / N_total) (A_i - beta z_i); for eps -> 0 this is
-                  -(2 beta / (N_total s)) (A_j - rho z_j) as in GIFT_SPEC.md.
+                  -(2 beta / (N_total s)) (A_j - rho z_j) (docs/algorithm.md).
         Singleton groups (mean 0, std 1 by convention) have no statistics to differentiate.
         """
         h = h.detach()

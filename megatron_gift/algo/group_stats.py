@@ -1,7 +1,7 @@
 """Vectorised per-group statistics for grouped rollouts (pure torch, no host syncs).
 
 Owns: sequence sums of token values, group means / unbiased standard deviations and z-scores, with
-the conventions of GIFT_SPEC.md (eps added to the std, groups of one response use mean 0 and std 1).
+the conventions of docs/algorithm.md (eps added to the std, groups of one response use mean 0 and std 1).
 Groups are addressed by a dense slot index [B] in 0..G-1 and a host int G, so every reduction is an
 index_add with a known output size: no Python loop over sequences and no host sync.
 """
@@ -54,7 +54,7 @@ class GroupZ:
 
 
 def group_zscore(x: Tensor, group_index: Tensor, num_groups: int, eps: float, detach_stats: bool) -> GroupZ:
-    """z-score x [B] inside its groups (GIFT_SPEC: unbiased std, eps on the std; singletons: mean 0, std 1).
+    """z-score x [B] inside its groups (docs/algorithm.md: unbiased std, eps on the std; singletons: mean 0, std 1).
 
     detach_stats=True treats mean and std as constants (the `detached` gradient mode).
     """

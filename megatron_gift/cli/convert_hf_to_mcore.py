@@ -1,6 +1,6 @@
 """Convert a Hugging Face checkpoint (safetensors) into a Megatron-Core distributed checkpoint.
 
-    python tools/convert_hf_to_mcore.py --hf-dir DIR --out DIR [--dtype bfloat16] [--overwrite]
+    megatron-gift-convert-hf-to-mcore --hf-dir DIR --out DIR [--dtype bfloat16] [--overwrite]
 
 Output layout: see megatron_gift/mcore/convert.py. Tensors stream from the safetensors shards one
 parameter at a time into a model built for TP=1/PP=1 (no random init), then are saved with
@@ -15,6 +15,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from megatron_gift.hf.hub import resolve_model_dir
 
 
 def convert(hf_dir: Path, out: Path, dtype: str = "bfloat16", overwrite: bool = False,
@@ -44,7 +46,7 @@ def convert(hf_dir: Path, out: Path, dtype: str = "bfloat16", overwrite: bool = 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", type=Path, required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--hf-dir", type=Path, required=True, help="HF model directory (config.json + safetensors) or a Hub model id in the local cache")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--vocab-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        info = convert(args.hf_dir, args.out, args.dtype, args.overwrite, args.vocab_multiple, args.quiet)
+        info = convert(Path(resolve_model_dir(str(args.hf_dir), "--hf-dir")), args.out, args.dtype, args.overwrite, args.vocab_multiple, args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

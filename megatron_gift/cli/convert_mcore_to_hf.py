@@ -1,9 +1,9 @@
 """Convert a Megatron-Core distributed checkpoint back into a Hugging Face model directory.
 
-    python tools/convert_mcore_to_hf.py --mcore-dir DIR --out DIR [--overwrite] [--key-prefix P]
+    megatron-gift-convert-mcore-to-hf --mcore-dir DIR --out DIR [--overwrite] [--key-prefix P]
 
 --mcore-dir holds config.json (the HF config), megatron_gift_conversion.json and model/ (the dist
-checkpoint), as tools/convert_hf_to_mcore.py writes it. A training checkpoint's model part can be
+checkpoint), as megatron-gift-convert-hf-to-mcore writes it. A training checkpoint's model part can be
 exported the same way once laid out like that (its keys may carry a prefix: --key-prefix). Tensors are
 loaded one layer at a time and written as sharded safetensors + index + config.json + tokenizer files,
 which transformers.AutoModelForCausalLM.from_pretrained loads. Written atomically (temp dir, rename).

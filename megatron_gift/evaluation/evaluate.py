@@ -1,7 +1,7 @@
 """Accuracy of a checkpoint on a prompt set (L3): greedy pass@1, mean@k and unbiased pass@k.
 
 Owns: taking a model path (a Hugging Face dir, or a Megatron checkpoint written by
-tools/convert_hf_to_mcore.py, exported to a temporary HF dir), generating greedy and / or k sampled
+megatron-gift-convert-hf-to-mcore, exported to a temporary HF dir), generating greedy and / or k sampled
 responses per prompt with the project's rollout engine (`VllmEngine`), scoring them with the reward
 registry, the metrics, and the JSON report (written atomically, never over an existing file).
 Prompts come from the project's data loading (`PromptDataConfig` / `build_prompt_dataset`), so the
@@ -113,7 +113,11 @@ def model_kind(path: str | Path) -> str:
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise ValueError(f"{p}: neither a Hugging Face model dir (config.json + *.safetensors) nor a Megatron "
+<<<<<<< HEAD
                      f"checkpoint ({CONVERSION_INFO} + model/, as tools/convert_hf_to_mcore.py writes)")
+=======
+                     f"checkpoint ({MCORE_MARKER} + model/, as megatron-gift-convert-hf-to-mcore writes)")
+>>>>>>> packaging
 
 
 def export_mcore_to_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "") -> None:

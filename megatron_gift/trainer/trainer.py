@@ -1,6 +1,6 @@
 """The GIFT training loop: one method per phase of a step, timed.
 
-Owns the order of a step (DESIGN.md "One training step"): sample prompts -> generate N responses per
+Owns the order of a step (docs/architecture.md "One training step"): sample prompts -> generate N responses per
 prompt -> score -> pack whole groups -> anchor log-probs -> GIFT (or GRPO) forward-backward and optimizer
 step -> push weights to the engines -> log. Every rank samples the same global prompt batch from the same
 sampler state, so the sampler position is identical everywhere. Every rank hosts a colocated vLLM engine

@@ -1,4 +1,4 @@
-"""GIFT loss: hand-computed values, GIFT_SPEC invariances, autograd vs analytic coefficients, edge cases."""
+"""GIFT loss: hand-computed values, docs/algorithm.md invariances, autograd vs analytic coefficients, edge cases."""
 import math
 
 import pytest
