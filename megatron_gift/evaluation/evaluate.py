@@ -113,11 +113,7 @@ def model_kind(path: str | Path) -> str:
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise ValueError(f"{p}: neither a Hugging Face model dir (config.json + *.safetensors) nor a Megatron "
-<<<<<<< HEAD
-                     f"checkpoint ({CONVERSION_INFO} + model/, as tools/convert_hf_to_mcore.py writes)")
-=======
-                     f"checkpoint ({MCORE_MARKER} + model/, as megatron-gift-convert-hf-to-mcore writes)")
->>>>>>> packaging
+                     f"checkpoint ({CONVERSION_INFO} + model/, as megatron-gift-convert-hf-to-mcore writes)")
 
 
 def export_mcore_to_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "") -> None:
