@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from megatron_gift.hf.files import CheckpointError
+from megatron_gift.resilience.leftovers import clean_stale, write_owner
 
 MARKER = "complete.json"
 METADATA = "gift_checkpoint.json"
@@ -204,10 +205,17 @@ class CheckpointManager:
         complete = [c for c in self.candidates() if verify(c.path) is None]
         doomed = complete[:-self.keep_last] if len(complete) > self.keep_last else []
         for c in doomed:
-            trash = c.path.with_name(f"deleting.{c.path.name}")
+            trash = c.path.with_name(f"deleting.{c.path.name}.pid-{os.getpid()}")
             os.replace(c.path, trash)
+            write_owner(trash)
             shutil.rmtree(trash)
         return [c.path for c in doomed]
+
+    def clean_leftovers(self) -> List[Path]:
+        """Remove half-deleted checkpoints (`deleting.step_N*`) that a killed retention left, when the process
+        that was deleting them no longer runs (resilience/leftovers.py); says so for each. `deleting.step_N`
+        without a pid (written before pids were recorded) is half-deleted garbage whoever left it."""
+        return clean_stale(self.save_dir, "deleting.step_*", log=self.log, ownerless_is_stale=True)
 
     # ----- resuming ---------------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:
@@ -236,6 +244,7 @@ class CheckpointManager:
         which must itself be complete. Rank 0 decides, every rank gets the same answer."""
         decision: Tuple[Optional[str], Optional[str], List[str]] = (None, None, [])
         if _rank() == 0:
+            self.clean_leftovers()
             decision = self._decide(resume)
         path, error, skipped = _broadcast_from_rank0(decision)
         if error:

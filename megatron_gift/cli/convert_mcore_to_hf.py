@@ -22,7 +22,7 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     """Library entry point; returns a small summary (tensor count, bytes, seconds)."""
     from tqdm import tqdm
 
-    from megatron_gift.hf.files import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+    from megatron_gift.hf.files import ShardedSafetensorsWriter, atomic_output_dir, check_disjoint, copy_side_files
     from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.model import resolve_dtype
     from megatron_gift.mcore.convert import (
@@ -32,13 +32,16 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     )
 
     mcore_dir = Path(mcore_dir)
+    if mcore_dir.exists() and not mcore_dir.is_dir():
+        raise ValueError(f"--mcore-dir {mcore_dir} is a file: give the converted checkpoint's directory")
+    check_disjoint(mcore_dir, out, "--mcore-dir")
     info = read_conversion_info(mcore_dir)
     arch = load_hf_arch(mcore_dir)
     # Megatron's local-spec norms keep float32 weights in a bf16 model; HF gets the declared dtype throughout.
     dtype = resolve_dtype(info["dtype"])
     start = time.perf_counter()
     n = 0
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, sources=[mcore_dir], log=_stderr) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         with single_process_parallel_state():
             for name, tensor in tqdm(iter_mcore_checkpoint_as_hf(mcore_dir, key_prefix, arch), desc="mcore->hf",
@@ -52,6 +55,10 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_side_files(mcore_dir, tmp)
     return {"tensors": n, "bytes": writer.total_bytes, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def main(argv=None) -> int:
