@@ -103,11 +103,15 @@ def load_hub_dataset(repo_id: str, split: str):
 def _read_jsonl_lines(path: str, on_bad_row: str, stats: LoadStats) -> list[dict]:
     """Parse a jsonl file line by line so a syntax error names its line (1-based) or is skipped."""
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
@@ -150,6 +154,22 @@ def load_raw_prompts(config: PromptDataConfig,
     if missing:
         raise PromptDataError(f"{config.path}: no column {missing[0]!r} in any row"
                               f"{nearest(missing[0], rows.column_names)} (columns: {', '.join(rows.column_names)})")
-    prompts = check_rows(rows, config, stats)
+    try:
+        prompts = check_rows(rows, config, stats)
+    except UnicodeDecodeError as exc:  # pyarrow's JSON reader keeps invalid UTF-8; decoding a row fails later
+        raise PromptDataError(f"{config.path}: {_first_non_utf8(config.path) or 'not UTF-8 text'}: {exc}") from None
     stats.rows_kept = len(prompts)
     return prompts, stats
+
+
+def _first_non_utf8(path: str) -> Optional[str]:
+    """'line N: not UTF-8 text' for the first line of a file that does not decode, or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {line_no}: not UTF-8 text"
+    return None

@@ -129,6 +129,8 @@ def hf_model_dir(path: str | Path, key_prefix: str = "", log: Callable[[str], No
         yield str(path)
         return
     with tempfile.TemporaryDirectory(prefix="mg_eval_hf_") as tmp:
+        from megatron_gift.hf.files import check_disjoint
+        check_disjoint(path, tmp, "--model", "the temporary export")
         start = time.perf_counter()
         export_mcore_to_hf(Path(path), Path(tmp), key_prefix)
         log(f"[eval] exported Megatron checkpoint {path} to HF in {time.perf_counter() - start:.1f} s")

@@ -229,6 +229,7 @@ class Trainer:
         self.stop_reason = self.stop.agree(device=self.rt.device)
         if self.stop_reason is not None or self._save_due():
             self.save_checkpoint()
+            self.stop_reason = self.stop_reason or self.stop.agree(device=self.rt.device)  # a signal during the save
         if self.async_saver is not None:
             self.async_saver.poll(blocking=False)
 
@@ -282,14 +283,16 @@ class Trainer:
         self.say(f"[train] {total} steps, {self.cfg.trainer.prompts_per_step} prompts x "
                  f"{self.cfg.trainer.responses_per_prompt} responses, loss {self.cfg.loss.name}, world {self.rt.world_size}")
         every = self.cfg.trainer.eval_every
-        if self.eval_set is not None and self.step == 0:
+        self.stop.install()
+        self.stop_reason = self.stop.agree(device=self.rt.device)  # a stop during start-up: no step, no save
+        if self.eval_set is not None and self.step == 0 and self.stop_reason is None:
             start = self.evaluate()
             if start:
                 self.say(f"[eval] step 0 greedy reward {start['eval/reward_mean']:.3f}")
                 if self.metrics is not None:
                     self.metrics.log(0, start)
+            self.stop_reason = self.stop.agree(device=self.rt.device)
         self._clear_requeue_file()
-        self.stop.install()
         run_start, clock = self.step, EtaClock(self.step)
         try:
             while self.step < total and self.stop_reason is None:
