@@ -7,12 +7,16 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Tuple, Type
 
 from megatron_gift.algo.gift import GIFTConfig, GIFTLoss
+from megatron_gift.algo.dapo import DAPOConfig, DAPOLoss
 from megatron_gift.algo.grpo import GRPOConfig, GRPOLoss
+from megatron_gift.algo.gspo import GSPOConfig, GSPOLoss
 from megatron_gift.utils.dataclass_dict import from_dict, nearest
 
 _LOSSES: Dict[str, Tuple[Callable[..., Any], Type]] = {
     "gift": (GIFTLoss, GIFTConfig),
     "grpo": (GRPOLoss, GRPOConfig),
+    "dapo": (DAPOLoss, DAPOConfig),
+    "gspo": (GSPOLoss, GSPOConfig),
 }
 
 
