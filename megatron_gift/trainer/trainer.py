@@ -192,7 +192,8 @@ class Trainer(TrainerCheckpointing):
             with self.timed("score"):
                 flat = result.flat()
                 texts = [self.tokenizer.decode(ids) for ids in flat.response_token_ids]
-                scored = self.rewards.score_records([records[p] for p in flat.prompt_index], texts)
+                scored = self.rewards.score_records([records[p] for p in flat.prompt_index], texts,
+                                                    [len(ids) for ids in flat.response_token_ids])
                 local = result.to_groups(torch.tensor(scored.total, dtype=torch.float32),
                                          group_ids=[start + p for p in range(len(records))])
                 stats = RolloutStats(samples=float(len(texts)), tokens=float(result.num_response_tokens),
@@ -244,7 +245,8 @@ class Trainer(TrainerCheckpointing):
                                       self.cfg.rollout.sampling.max_new_tokens) if records else []
             total = 0.0
             if self.placement.is_engine_leader and records:
-                total = sum(self.rewards.score_records(records, [self.tokenizer.decode(o) for o in outs]).total)
+                total = sum(self.rewards.score_records(records, [self.tokenizer.decode(o) for o in outs],
+                                                       [len(o) for o in outs]).total)
             summed = sum_over_world([total], self.rt.device)[0]
         return {"eval/reward_mean": summed / count}
 
