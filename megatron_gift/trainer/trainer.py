@@ -44,6 +44,7 @@ from megatron_gift.mcore.weight_sync import iter_policy_as_hf, unwrap as unwrap_
 from megatron_gift.trainer.report import MetricsLog, progress_bar
 from megatron_gift.resilience.stop import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
+from megatron_gift.rollout.dynamic_sampling import dynamic_rollout, gather_round
 from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, balanced_slice, exchange_groups,
                                              sum_over_world)
 from megatron_gift.config.run import RunConfig
@@ -178,16 +179,18 @@ class Trainer(TrainerCheckpointing):
         """[start, stop) of the global batch that this rank's data-parallel replica trains on."""
         return balanced_slice(num_prompts, self.rt.dp, self.rt.dp_rank)
 
-    def generate_and_score(self, batch) -> List[RolloutGroup]:
+    def generate_and_score(self, batch, round_index: int = 0, gather_all: bool = False) -> List[RolloutGroup]:
         """Every engine samples N responses for its slice of the batch, its first rank scores them; then each
-        replica gets the scored groups of its share (group ids are positions in the global batch)."""
+        replica gets the scored groups of its share (group ids are positions in the global batch), or with
+        gather_all every rank gets all of them (dynamic sampling's refill round `round_index`)."""
         start, stop = self.placement.share(len(batch))
         records = batch[start:stop]
         local: List[RolloutGroup] = []
         stats = RolloutStats()
         with self.timed("generate"):
             result = self.engine.generate([r.prompt_ids for r in records], self.cfg.trainer.responses_per_prompt,
-                                          self.cfg.rollout.sampling, seed=self._rollout_seed(), first_index=start)
+                                          self.cfg.rollout.sampling, seed=self._rollout_seed(),
+                                          first_index=start + round_index * len(batch))
         if self.placement.is_engine_leader:
             with self.timed("score"):
                 flat = result.flat()
@@ -200,6 +203,8 @@ class Trainer(TrainerCheckpointing):
                                      term_sums={k: float(sum(v)) for k, v in scored.terms.items()})
         with self.timed("exchange"):
             self._rollout_stats = stats.reduced(self.reward_labels, self.rt.device)
+            if gather_all:
+                return gather_round(local, len(batch))
             return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp)
 
     def _rollout_seed(self) -> int:
@@ -285,7 +290,11 @@ class Trainer(TrainerCheckpointing):
     # ----- the loop ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         self.timers, t0 = {}, time.perf_counter()
-        groups = self.generate_and_score(self.sample_prompts())
+        ds_metrics: Dict[str, float] = {}
+        if self.cfg.trainer.dynamic_sampling.enabled:  # refill zero-variance groups (rollout/dynamic_sampling.py)
+            groups, ds_metrics = dynamic_rollout(self, self.cfg.trainer.dynamic_sampling, self.cfg.trainer.prompts_per_step)
+        else:
+            groups = self.generate_and_score(self.sample_prompts())
         per_update = len(groups) // self.cfg.trainer.updates_per_rollout
         rewards = torch.cat([g.rewards for g in groups])
         # Anchors for every update of this rollout batch come first: with anchor `old` they are the
@@ -301,6 +310,7 @@ class Trainer(TrainerCheckpointing):
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
         self.sync_weights()
         self.step += 1
+        values.update(ds_metrics)
         return self._step_metrics(values, rewards, time.perf_counter() - t0)
 
     def _step_metrics(self, values, rewards, wall: float) -> Dict[str, float]:
