@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """name: a registered loss (gift, grpo); options: that loss's config fields; schedule: single_pass / two_pass."""
+    """name: a registered loss (gift, grpo, dapo, gspo; docs/losses.md); options: that loss's config fields; schedule: single_pass / two_pass."""
 
     name: str = "gift"
     options: Dict[str, Any] = field(default_factory=dict)

@@ -18,6 +18,9 @@ from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
+from megatron_gift.rollout.dynamic_sampling import DynamicSamplingConfig
+from megatron_gift.utils.dataclass_dict import from_dict
+
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML with YAML 1.2's exponent floats: `lr: 3e-4` is a float (YAML 1.1 reads a string), as with --set."""
@@ -163,6 +166,8 @@ class TrainerConfig:
     resume: "auto" (newest complete checkpoint in save_dir, else a fresh start), "none", or a checkpoint path;
     time_budget_s: stop (save, exit with the requeue code) before this many seconds of wall time (0: off);
     async_save: write checkpoints in a background process (Megatron's async dist checkpointing).
+    dynamic_sampling: DAPO's dynamic sampling for any loss (rollout/dynamic_sampling.py): enabled, max_rounds,
+        on_cap.
     """
 
     run_dir: str = "runs/default"
@@ -181,8 +186,14 @@ class TrainerConfig:
     resume: str = "auto"
     time_budget_s: float = 0.0
     async_save: bool = False
+    dynamic_sampling: DynamicSamplingConfig = dataclasses.field(default_factory=DynamicSamplingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dynamic_sampling, dict):
+            self.dynamic_sampling = from_dict(DynamicSamplingConfig, self.dynamic_sampling, "trainer.dynamic_sampling")
+        if self.dynamic_sampling.enabled and self.responses_per_prompt < 2:
+            raise ValueError("trainer.dynamic_sampling.enabled needs trainer.responses_per_prompt >= 2 (a group of "
+                             "one has no reward variance)")
         for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",
                      "log_every", "keep_last"):
             value = getattr(self, name)

@@ -154,8 +154,9 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
         recs = [records[i] for i in batch]
         ids = [r.prompt_ids for r in recs]
         if settings.greedy:
-            texts = [tokenizer.decode(o) for o in engine.greedy(ids, settings.max_new_tokens)]
-            scores = rewards.score_records(recs, texts).total
+            outs = engine.greedy(ids, settings.max_new_tokens)
+            texts = [tokenizer.decode(o) for o in outs]
+            scores = rewards.score_records(recs, texts, [len(o) for o in outs]).total
             for i, text, score in zip(batch, texts, scores):
                 rows[i].greedy_response, rows[i].greedy_reward = text, score
         if settings.k:
@@ -163,7 +164,8 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
             # both recorded in the report's settings.
             result = engine.generate(ids, settings.k, settings.sampling(), seed=settings.seed * 1_000_003 + batch[0])
             texts = [tokenizer.decode(s.token_ids) for group in result.samples for s in group]
-            scores = rewards.score_records([r for r in recs for _ in range(settings.k)], texts).total
+            lengths = [len(s.token_ids) for group in result.samples for s in group]
+            scores = rewards.score_records([r for r in recs for _ in range(settings.k)], texts, lengths).total
             for j, i in enumerate(batch):
                 part = slice(j * settings.k, (j + 1) * settings.k)
                 rows[i].sample_responses, rows[i].sample_rewards = texts[part], scores[part]
