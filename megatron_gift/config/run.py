@@ -96,6 +96,9 @@ class RunConfig:
         if per_update % (dp * self.trainer.microbatches):
             raise ValueError(f"{per_update} prompt groups per optimizer step cannot be split into whole groups over "
                              f"{dp} data-parallel ranks x {self.trainer.microbatches} microbatches")
+        if self.trainer.packing != "none" and self.parallel.cp > 1:
+            raise ValueError(f"trainer.packing={self.trainer.packing!r} with parallel.cp={self.parallel.cp} is not "
+                             f"supported (the context-parallel split assumes one sequence per row)")
         return dp
 
 

@@ -129,6 +129,18 @@ class ParallelConfig:
         return world_size // model_parallel
 
 
+def _check_throughput(t) -> None:
+    """trainer.max_tokens_per_microbatch / trainer.packing: valid values, and never both microbatch rules."""
+    budget = t.max_tokens_per_microbatch
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"trainer.max_tokens_per_microbatch must be an int >= 0 (0: off), got {budget!r}")
+    if budget and t.microbatches != 1:
+        raise ValueError(f"trainer.max_tokens_per_microbatch={budget} sets the microbatches by tokens: leave "
+                         f"trainer.microbatches at 1 (got {t.microbatches})")
+    if t.packing not in ("none", "rows", "thd"):
+        raise ValueError(f"trainer.packing must be 'none', 'rows' or 'thd', got {t.packing!r}")
+
+
 @dataclass
 class TrainerConfig:
     """The loop: steps, prompts per step (global), responses per prompt, microbatches, logging.
@@ -144,6 +156,13 @@ class TrainerConfig:
     resume: "auto" (newest complete checkpoint in save_dir, else a fresh start), "none", or a checkpoint path;
     time_budget_s: stop (save, exit with the requeue code) before this many seconds of wall time (0: off);
     async_save: write checkpoints in a background process (Megatron's async dist checkpointing).
+
+    Throughput (algo/packing.py, algo/seq_packing.py):
+    max_tokens_per_microbatch: > 0 bins whole groups into microbatches by tokens (first-fit decreasing), each
+        padded only to its own longest sequence (packed: counting real tokens); their number then varies per
+        step and rank (`microbatches` must stay 1); 0: `microbatches` equal microbatches;
+    packing: "none" (one sequence per row), "rows" (sequences share rows, block-diagonal causal mask; any
+        attention that takes a mask, e.g. the local spec on CPU) or "thd" (one row, Transformer Engine THD).
     """
 
     run_dir: str = "runs/default"
@@ -162,8 +181,11 @@ class TrainerConfig:
     resume: str = "auto"
     time_budget_s: float = 0.0
     async_save: bool = False
+    max_tokens_per_microbatch: int = 0
+    packing: str = "none"
 
     def __post_init__(self) -> None:
+        _check_throughput(self)
         for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",
                      "log_every", "keep_last"):
             value = getattr(self, name)
@@ -178,6 +200,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.resume must be 'auto', 'none' or a checkpoint path, got {self.resume!r}")
         if not isinstance(self.async_save, bool):
             raise ValueError(f"trainer.async_save must be true or false, got {self.async_save!r}")
+
+    @property
+    def packed_mode(self):
+        """None, "rows" or "thd" (what pack_microbatches takes)."""
+        return None if self.packing == "none" else self.packing
 
     @property
     def checkpoint_dir(self) -> str:

@@ -48,6 +48,7 @@ from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, bala
                                              sum_over_world)
 from megatron_gift.config.run import RunConfig
 from megatron_gift.trainer.checkpointing import TrainerCheckpointing
+from megatron_gift.trainer.throughput import microbatch_rule, self_anchored
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -199,15 +200,15 @@ class Trainer(TrainerCheckpointing):
                                      term_sums={k: float(sum(v)) for k, v in scored.terms.items()})
         with self.timed("exchange"):
             self._rollout_stats = stats.reduced(self.reward_labels, self.rt.device)
-            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp)
+            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp,
+                                   device=self.rt.device)
 
     def _rollout_seed(self) -> int:
         return self.cfg.trainer.seed * 1_000_003 + self.step * 131
 
     def pack(self, groups: List[RolloutGroup]):
         t = self.cfg.trainer
-        mbs = pack_microbatches(groups, num_microbatches=t.microbatches, uniform_length=self.cfg.parallel.pp > 1,
-                                pad_id=self.tokenizer.pad_token_id or 0)
+        mbs = pack_microbatches(groups, **microbatch_rule(t, self.cfg.parallel), pad_id=self.tokenizer.pad_token_id or 0)
         for mb in mbs:
             check_loss_inputs(mb.loss_inputs, expected_sizes=mb.group_sizes)
             mb.to(self.rt.device)
@@ -216,14 +217,15 @@ class Trainer(TrainerCheckpointing):
     def anchor(self, mbs) -> None:
         with self.timed("anchor"):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
-            self.schedule.fill_anchor_logprobs(model, mbs)
+            if not self_anchored(self.loss, self.cfg.trainer):  # else the train pass provides them (no extra forward)
+                self.schedule.fill_anchor_logprobs(model, mbs)
             if getattr(self.loss, "needs_ref_logprobs", False):
                 for mb, lp in zip(mbs, self.schedule.compute_logprobs([self.reference], mbs)):
                     mb.loss_inputs.ref_logprobs = lp * mb.loss_inputs.mask
 
     def train(self, mbs):
         with self.timed("train"):
-            result = self.schedule.train_step(mbs, self.optimizer)
+            result = self.schedule.train_step(mbs, self.optimizer, self_anchor=self_anchored(self.loss, self.cfg.trainer))
             self.scheduler.step(1)
         return result
 
