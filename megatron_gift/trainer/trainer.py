@@ -48,7 +48,7 @@ from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, bala
                                              sum_over_world)
 from megatron_gift.config.run import RunConfig
 from megatron_gift.trainer.checkpointing import TrainerCheckpointing
-from megatron_gift.trainer.throughput import microbatch_rule, self_anchored
+from megatron_gift.trainer.throughput import microbatch_rule, self_anchored, set_engine_asleep, sleep_note
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -93,6 +93,7 @@ class Trainer(TrainerCheckpointing):
             self.eval_set = build_prompt_dataset(cfg.eval_data, self.tokenizer)
         self._build_models()
         self.engine = self._build_engine()
+        self.say(sleep_note(self.engine))
         self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None
         self.step = 0
         if self.resume_from is not None:
@@ -286,6 +287,7 @@ class Trainer(TrainerCheckpointing):
     def train_step(self) -> Dict[str, float]:
         self.timers, t0 = {}, time.perf_counter()
         groups = self.generate_and_score(self.sample_prompts())
+        set_engine_asleep(self, True)
         per_update = len(groups) // self.cfg.trainer.updates_per_rollout
         rewards = torch.cat([g.rewards for g in groups])
         # Anchors for every update of this rollout batch come first: with anchor `old` they are the
@@ -299,6 +301,7 @@ class Trainer(TrainerCheckpointing):
             result = self.train(mbs)
             values.update(result.values())
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+        set_engine_asleep(self, False)
         self.sync_weights()
         self.step += 1
         return self._step_metrics(values, rewards, time.perf_counter() - t0)
