@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--limit", type=int, default=448, help="maximum response tokens")
     ap.add_argument("--microbatches", type=int, default=2, help="the padded layout's fixed count")
-    ap.add_argument("--max-tokens", type=int, default=0, help="budget per microbatch (0: padded tokens / count)")
+    ap.add_argument("--max-tokens", type=int, default=0, help="budget per microbatch (0: the padded layout's largest)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--thd", action="store_true", help="also time the one-row THD layout (GPU with TE)")
     args = ap.parse_args(argv)
@@ -77,8 +77,7 @@ def main(argv=None):
         groups = long_tailed_groups(args.groups, args.size, args.prompt, args.limit, p["vocab"])
         lengths = torch.tensor([float(r.numel()) for g in groups for r in g.responses])
         padded = pack_microbatches(groups, num_microbatches=args.microbatches)
-        budget = args.max_tokens or max(sum(mb.tokens.numel() for mb in padded) // args.microbatches,
-                                        max(g.size * g.max_len for g in groups) + 8)
+        budget = args.max_tokens or max(mb.tokens.numel() for mb in padded)  # the padded layout's largest
         layouts = {"padded": padded, "budget": pack_microbatches(groups, max_tokens=budget),
                    "packed": pack_microbatches(groups, max_tokens=budget, packed="rows")}
         if args.thd:

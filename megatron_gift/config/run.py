@@ -34,14 +34,23 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """name: a registered loss (gift, grpo); options: that loss's config fields; schedule: single_pass / two_pass."""
+    """name: a registered loss (gift, grpo); options: that loss's config fields; schedule: single_pass / two_pass;
+    anchor_source: where anchor `old` log-probs come from: "policy" (recomputed by the trainer, or taken from
+    the train pass when that is the same policy) or "rollout" (the engine's sampled-token log-probs, verl's
+    bypass mode; the logprob_mismatch metrics show how far they are from the trainer's)."""
 
     name: str = "gift"
     options: Dict[str, Any] = field(default_factory=dict)
     schedule: str = "single_pass"
+    anchor_source: str = "policy"
 
     def __post_init__(self) -> None:
-        build_loss(self.name, self.options)  # validates the name and every option now, not at step 1
+        loss = build_loss(self.name, self.options)  # validates the name and every option now, not at step 1
+        if self.anchor_source not in ("policy", "rollout"):
+            raise ValueError(f"loss.anchor_source must be 'policy' or 'rollout', got {self.anchor_source!r}")
+        if self.anchor_source == "rollout" and getattr(loss, "anchor", None) != "old":
+            raise ValueError("loss.anchor_source: rollout replaces the anchor `old` log-probs; loss "
+                             f"'{self.name}' has anchor {getattr(loss, 'anchor', None)!r}")
         if self.schedule not in ("single_pass", "two_pass"):
             raise ValueError(f"loss.schedule must be 'single_pass' or 'two_pass', got {self.schedule!r}")
 

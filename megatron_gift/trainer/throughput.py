@@ -24,9 +24,18 @@ def microbatch_rule(trainer, parallel) -> Dict[str, Any]:
                 pad_to_multiple=multiple)
 
 
-def self_anchored(loss, trainer) -> bool:
+def self_anchored(loss, trainer, anchor_source: str = "policy") -> bool:
     """True when the anchor pass would recompute the train pass's own log-probs (anchor `old`, one update)."""
-    return getattr(loss, "anchor", None) == "old" and trainer.updates_per_rollout == 1
+    return getattr(loss, "anchor", None) == "old" and trainer.updates_per_rollout == 1 and anchor_source == "policy"
+
+
+def fill_rollout_anchor(mbs) -> None:
+    """loss.anchor_source: rollout: the engine's sampled-token log-probs are the anchor (no forward pass)."""
+    for mb in mbs:
+        if mb.rollout_logprobs is None:
+            raise ValueError("loss.anchor_source: rollout needs the engine's sampled-token log-probs; this "
+                             "engine returned none")
+        mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs * mb.loss_inputs.mask
 
 
 def sleep_note(engine) -> str:

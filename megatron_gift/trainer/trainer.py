@@ -48,7 +48,8 @@ from megatron_gift.rollout.colocated import (EnginePlacement, RolloutStats, bala
                                              sum_over_world)
 from megatron_gift.config.run import RunConfig
 from megatron_gift.trainer.checkpointing import TrainerCheckpointing
-from megatron_gift.trainer.throughput import microbatch_rule, self_anchored, set_engine_asleep, sleep_note
+from megatron_gift.trainer.throughput import (fill_rollout_anchor, microbatch_rule, self_anchored, set_engine_asleep,
+                                              sleep_note)
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -218,7 +219,9 @@ class Trainer(TrainerCheckpointing):
     def anchor(self, mbs) -> None:
         with self.timed("anchor"):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
-            if not self_anchored(self.loss, self.cfg.trainer):  # else the train pass provides them (no extra forward)
+            if self.cfg.loss.anchor_source == "rollout":
+                fill_rollout_anchor(mbs)
+            elif not self_anchored(self.loss, self.cfg.trainer):  # else the train pass provides them (no extra forward)
                 self.schedule.fill_anchor_logprobs(model, mbs)
             if getattr(self.loss, "needs_ref_logprobs", False):
                 for mb, lp in zip(mbs, self.schedule.compute_logprobs([self.reference], mbs)):
@@ -226,7 +229,8 @@ class Trainer(TrainerCheckpointing):
 
     def train(self, mbs):
         with self.timed("train"):
-            result = self.schedule.train_step(mbs, self.optimizer, self_anchor=self_anchored(self.loss, self.cfg.trainer))
+            anchored = self_anchored(self.loss, self.cfg.trainer, self.cfg.loss.anchor_source)
+            result = self.schedule.train_step(mbs, self.optimizer, self_anchor=anchored)
             self.scheduler.step(1)
         return result
 

@@ -68,3 +68,25 @@ def test_microbatch_rule_from_the_config():
         TrainerConfig(max_tokens_per_microbatch=4096, microbatches=2)
     with pytest.raises(ValueError, match="trainer.packing must be"):
         TrainerConfig(packing="bshd")
+
+
+def test_rollout_anchor_source_takes_the_engine_log_probs():
+    from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
+    from megatron_gift.config.run import LossConfig
+    from megatron_gift.trainer.throughput import fill_rollout_anchor
+    groups = [RolloutGroup(0, torch.tensor([3, 4]), [torch.tensor([5, 6]), torch.tensor([7])], torch.tensor([1.0, 0.0]),
+                           [torch.tensor([-0.5, -1.5]), torch.tensor([-2.0])])]
+    (mb,) = pack_microbatches(groups, max_tokens=64, packed="rows")
+    fill_rollout_anchor([mb])
+    m = mb.loss_inputs.mask.bool()
+    assert mb.loss_inputs.anchor_logprobs[m].tolist() == [-0.5, -1.5, -2.0]
+    assert not self_anchored(SimpleNamespace(anchor="old"), SimpleNamespace(updates_per_rollout=1), "rollout")
+    groups[0].rollout_logprobs = None
+    (mb,) = pack_microbatches(groups, num_microbatches=1)
+    with pytest.raises(ValueError, match="anchor_source: rollout needs"):
+        fill_rollout_anchor([mb])
+    assert LossConfig(name="gift", options={"anchor": "old"}, anchor_source="rollout").anchor_source == "rollout"
+    with pytest.raises(ValueError, match="has anchor 'ref'"):
+        LossConfig(name="gift", options={"anchor": "ref"}, anchor_source="rollout")
+    with pytest.raises(ValueError, match="loss.anchor_source must be"):
+        LossConfig(anchor_source="engine")
