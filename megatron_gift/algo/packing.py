@@ -130,6 +130,21 @@ def split_by_tokens(groups: Sequence[RolloutGroup], max_tokens: int, pad_to_mult
     return [[groups[i] for i in sorted(b[0])] for b in bins]
 
 
+def round_count(parts: List[List[RolloutGroup]], multiple: int) -> List[List[RolloutGroup]]:
+    """Split the microbatches holding the most groups until their number is a multiple of `multiple` (the
+    interleaved pipeline schedule needs one); subsets of a bin stay within its budget."""
+    parts = [list(p) for p in parts]
+    while len(parts) % multiple:
+        i = max(range(len(parts)), key=lambda j: len(parts[j]))
+        if len(parts[i]) < 2:
+            raise ValueError(f"{sum(len(p) for p in parts)} groups cannot form a multiple of {multiple} microbatches "
+                             f"(the interleaved pipeline schedule needs one); lower trainer.max_tokens_per_microbatch "
+                             f"or send more prompts per step")
+        half = len(parts[i]) // 2
+        parts[i:i + 1] = [parts[i][:half], parts[i][half:]]
+    return parts
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -173,11 +188,13 @@ def collate(groups: Sequence[RolloutGroup], seq_len: Optional[int] = None, pad_i
 
 def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optional[int] = None,
                       max_tokens: Optional[int] = None, uniform_length: bool = False, pad_id: int = 0,
-                      pad_to_multiple: int = 8, packed: Optional[str] = None) -> List[Microbatch]:
+                      pad_to_multiple: int = 8, packed: Optional[str] = None,
+                      count_multiple: int = 1) -> List[Microbatch]:
     """One rank's groups -> microbatches of whole groups, by count or by token budget (exactly one).
 
     uniform_length pads every microbatch to the same S (pipeline parallelism sends fixed shapes);
-    packed ("rows" or "thd", seq_packing.py) puts several sequences in one row instead of padding each.
+    packed ("rows" or "thd", seq_packing.py) puts several sequences in one row instead of padding each;
+    count_multiple: a token budget's microbatch count is made a multiple of it (interleaved pipelines).
     """
     if (num_microbatches is None) == (max_tokens is None):
         raise ValueError("give exactly one of num_microbatches and max_tokens")
@@ -191,7 +208,8 @@ def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optio
     if num_microbatches:
         parts = split_by_count(groups, num_microbatches)
     else:
-        parts = split_by_tokens(groups, max_tokens, pad_to_multiple, packed=packed is not None)
+        parts = round_count(split_by_tokens(groups, max_tokens, pad_to_multiple, packed=packed is not None),
+                            count_multiple)
     seq_len = _round_up(max(g.max_len for g in groups), pad_to_multiple) if uniform_length else None
     mbs = [collate(p, seq_len if packed is None else None, pad_id, 1 if packed else pad_to_multiple) for p in parts]
     if packed is not None:

@@ -3,7 +3,8 @@
 Owns two small rules read from the run config:
 - `microbatch_rule`: pack_microbatches' keywords: a fixed count (padded to one length under pipeline
   parallelism) or a token budget (`trainer.max_tokens_per_microbatch`), optionally packed (`trainer.packing`;
-  THD pads each sequence to the multiple that TP / CP need).
+  THD pads each sequence to the multiple that TP / CP need; the interleaved pipeline schedule gets a
+  multiple of PP microbatches).
 - `self_anchored`: the anchor log-probs are provably the policy's own detached log-probs (anchor `old` with one
   update per rollout: the policy has not moved since it generated the rollouts and the anchor pass would
   recompute exactly the train pass's values), so the schedule takes them from the train pass.
@@ -19,7 +20,8 @@ def microbatch_rule(trainer, parallel) -> Dict[str, Any]:
     packed = trainer.packed_mode
     multiple = math.lcm(8, 2 * parallel.tp * parallel.cp) if packed == "thd" else 8
     if trainer.max_tokens_per_microbatch:
-        return dict(max_tokens=trainer.max_tokens_per_microbatch, packed=packed, pad_to_multiple=multiple)
+        return dict(max_tokens=trainer.max_tokens_per_microbatch, packed=packed, pad_to_multiple=multiple,
+                    count_multiple=parallel.pp if parallel.vpp else 1)
     return dict(num_microbatches=trainer.microbatches, uniform_length=parallel.pp > 1, packed=packed,
                 pad_to_multiple=multiple)
 

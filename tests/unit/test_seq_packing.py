@@ -61,3 +61,12 @@ def test_packed_budget_refuses_a_group_larger_than_the_budget():
     with pytest.raises(ValueError, match="packing mode"):
         from megatron_gift.algo.seq_packing import pack_rows
         pack_rows(collate(groups_of([3])), "bshd")
+
+
+def test_interleaved_pipelines_get_a_multiple_of_pp_microbatches():
+    from megatron_gift.algo.packing import round_count
+    groups = groups_of([10, 2, 10, 2, 2, 2])
+    mbs = pack_microbatches(groups, max_tokens=62, packed="rows", count_multiple=4)
+    assert len(mbs) == 4 and sorted(int(g) for mb in mbs for g in mb.loss_inputs.group_ids.unique()) == list(range(6))
+    with pytest.raises(ValueError, match="multiple of 4 microbatches"):
+        round_count([[groups[0]], [groups[1]], [groups[2]]], 4)

@@ -59,11 +59,14 @@ def test_anchor_comes_from_the_train_pass_only_when_it_is_the_policy_itself():
 
 def test_microbatch_rule_from_the_config():
     from megatron_gift.config.schema import TrainerConfig
-    par = SimpleNamespace(tp=2, pp=2, cp=1)
+    par = SimpleNamespace(tp=2, pp=2, cp=1, vpp=None)
     assert microbatch_rule(TrainerConfig(microbatches=4), par) == dict(
         num_microbatches=4, uniform_length=True, packed=None, pad_to_multiple=8)
-    rule = microbatch_rule(TrainerConfig(max_tokens_per_microbatch=4096, packing="thd"), SimpleNamespace(tp=8, pp=1, cp=2))
-    assert rule == dict(max_tokens=4096, packed="thd", pad_to_multiple=32)
+    rule = microbatch_rule(TrainerConfig(max_tokens_per_microbatch=4096, packing="thd"),
+                           SimpleNamespace(tp=8, pp=1, cp=2, vpp=None))
+    assert rule == dict(max_tokens=4096, packed="thd", pad_to_multiple=32, count_multiple=1)
+    assert microbatch_rule(TrainerConfig(max_tokens_per_microbatch=64), SimpleNamespace(tp=1, pp=4, cp=1, vpp=2)) == \
+        dict(max_tokens=64, packed=None, pad_to_multiple=8, count_multiple=4)
     with pytest.raises(ValueError, match="leave trainer.microbatches at 1"):
         TrainerConfig(max_tokens_per_microbatch=4096, microbatches=2)
     with pytest.raises(ValueError, match="trainer.packing must be"):
