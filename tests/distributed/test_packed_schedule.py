@@ -19,13 +19,14 @@ from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
 
 ATOL, RTOL = 2e-5, 1e-4
-CASES = {  # name -> (loss, options, self anchor)
-    "gift_detached": ("gift", {"grad_mode": "detached"}, False),
-    "gift_full": ("gift", {"grad_mode": "full", "beta": 0.5}, False),
-    "gift_old_detached": ("gift", {"grad_mode": "detached", "anchor": "old"}, True),
-    "gift_old_full": ("gift", {"grad_mode": "full", "anchor": "old"}, True),
-    "grpo": ("grpo", {"clip_low": 0.2, "clip_high": 0.28}, False),
-    "grpo_old": ("grpo", {}, True),
+CASES = {  # name -> (loss, options, self anchor, schedule mode)
+    "gift_detached": ("gift", {"grad_mode": "detached"}, False, "single_pass"),
+    "gift_full": ("gift", {"grad_mode": "full", "beta": 0.5}, False, "single_pass"),
+    "gift_old_detached": ("gift", {"grad_mode": "detached", "anchor": "old"}, True, "single_pass"),
+    "gift_old_full": ("gift", {"grad_mode": "full", "anchor": "old"}, True, "single_pass"),
+    "gift_old_two_pass": ("gift", {"grad_mode": "full", "anchor": "old"}, True, "two_pass"),
+    "grpo": ("grpo", {"clip_low": 0.2, "clip_high": 0.28}, False, "single_pass"),
+    "grpo_old": ("grpo", {}, True, "single_pass"),
 }
 LAYOUTS = {  # name -> pack_microbatches keyword arguments (besides the groups)
     "padded": dict(num_microbatches=1, uniform_length=True),
@@ -66,8 +67,9 @@ def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optio
         res["num_microbatches"] = len(mbs)
         probe = GiftSchedule(ddp, build_loss("gift"), ScheduleSettings(vocab_size=VOCAB, temperature=0.7), pg)
         res["logprobs"] = _by_sequence(mbs, probe.compute_logprobs(ddp, mbs))
-        for case, (loss_name, options, self_anchor) in CASES.items():
-            schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=VOCAB), pg)
+        for case, (loss_name, options, self_anchor, mode) in CASES.items():
+            schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=VOCAB, mode=mode),
+                                    pg)
             mbs = pack_microbatches(mine, **LAYOUTS[layout])
             for mb in mbs:
                 mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
@@ -142,11 +144,12 @@ def test_budget_and_packed_equal_padded(one_process, layout):
 def test_self_anchor_is_bitwise_the_anchor_pass_and_saves_a_forward(one_process):
     for layout in LAYOUTS:
         n_mb = one_process[layout]["num_microbatches"]
-        for case, (_, _, self_anchor) in CASES.items():
+        for case, (_, _, self_anchor, mode) in CASES.items():
             if not self_anchor:
                 continue
             separate, fused = one_process[layout][case + "/separate"], one_process[layout][case]
-            assert separate["forwards"] == 2 * n_mb and fused["forwards"] == n_mb, (layout, case)
+            passes = 2 if mode == "single_pass" else 3  # two-pass: its forward-only pass is the anchor pass
+            assert separate["forwards"] == passes * n_mb and fused["forwards"] == (passes - 1) * n_mb, (layout, case)
             for name, (_, g) in separate["grads"].items():
                 assert torch.equal(fused["grads"][name][1], g), f"{layout}/{case} {name} not bitwise equal"
             assert max(float(g.abs().max()) for _, g in separate["grads"].values()) > 1e-3
