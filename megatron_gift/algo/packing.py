@@ -10,12 +10,15 @@ so targets[t] = tokens[t+1] and mask[t] = 1 exactly when tokens[t+1] is a respon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 
 from megatron_gift.algo.validate import GroupSplitError
 from megatron_gift.algo.types import LossInputs, Tensor
+
+if TYPE_CHECKING:  # seq_packing imports this module
+    from megatron_gift.algo.seq_packing import PackedLayout
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Microbatch:
     group_sizes: Tensor
     rollout_logprobs: Optional[Tensor] = None
     extras: dict = field(default_factory=dict)
+    packed: Optional["PackedLayout"] = None  # several sequences per row (seq_packing.py); None: one per row
 
     @property
     def shape(self) -> tuple:
@@ -74,7 +78,14 @@ class Microbatch:
         self.loss_inputs = self.loss_inputs.to(device)
         if self.rollout_logprobs is not None:
             self.rollout_logprobs = self.rollout_logprobs.to(device)
+        if self.packed is not None:
+            self.packed = self.packed.to(device)
         return self
+
+    @property
+    def sequence_shape(self) -> tuple:
+        """[B, T]: the per-sequence layout of the loss inputs and of the log-probs the schedule returns."""
+        return tuple(self.loss_inputs.mask.shape)
 
 
 def shard_groups(groups: Sequence[RolloutGroup], dp_size: int, dp_rank: int) -> List[RolloutGroup]:
@@ -94,18 +105,46 @@ def split_by_count(groups: Sequence[RolloutGroup], num_microbatches: int) -> Lis
     return [list(groups[i * per:(i + 1) * per]) for i in range(num_microbatches)]
 
 
-def split_by_tokens(groups: Sequence[RolloutGroup], max_tokens: int) -> List[List[RolloutGroup]]:
-    """Greedy, order-keeping split so each microbatch's padded size b * S stays within max_tokens."""
-    parts: List[List[RolloutGroup]] = [[]]
-    for g in groups:
-        if g.size * g.max_len > max_tokens:
+def split_by_tokens(groups: Sequence[RolloutGroup], max_tokens: int, pad_to_multiple: int = 1,
+                    packed: bool = False) -> List[List[RolloutGroup]]:
+    """Whole groups binned so each microbatch's cost stays within max_tokens (first-fit decreasing).
+
+    Padded microbatches cost b * S (S: their own longest sequence, rounded up to pad_to_multiple); packed
+    ones cost their real tokens (sequences share rows, see seq_packing.py). Groups are taken longest first,
+    which also buckets similar lengths together; each microbatch lists its groups in their original order.
+    """
+    def cost(sizes: int, longest: int, tokens: int) -> int:
+        return tokens if packed else sizes * _round_up(longest, pad_to_multiple)
+
+    bins: List[list] = []  # [groups, sequences, longest, tokens]
+    order = sorted(range(len(groups)), key=lambda i: (-(groups[i].num_tokens if packed else groups[i].max_len), i))
+    for i in order:
+        g = groups[i]
+        if cost(g.size, g.max_len, g.num_tokens) > max_tokens:
             raise GroupSplitError(f"group {g.group_id} needs {g.size} x {g.max_len} tokens, more than the microbatch "
                                   f"budget of {max_tokens}; raise the budget or use the two-pass schedule")
-        trial = parts[-1] + [g]
-        if sum(x.size for x in trial) * max(x.max_len for x in trial) > max_tokens:
-            parts.append([g])
+        for b in bins:
+            if cost(b[1] + g.size, max(b[2], g.max_len), b[3] + g.num_tokens) <= max_tokens:
+                b[0].append(i)
+                b[1], b[2], b[3] = b[1] + g.size, max(b[2], g.max_len), b[3] + g.num_tokens
+                break
         else:
-            parts[-1] = trial
+            bins.append([[i], g.size, g.max_len, g.num_tokens])
+    return [[groups[i] for i in sorted(b[0])] for b in bins]
+
+
+def round_count(parts: List[List[RolloutGroup]], multiple: int) -> List[List[RolloutGroup]]:
+    """Split the microbatches holding the most groups until their number is a multiple of `multiple` (the
+    interleaved pipeline schedule needs one); subsets of a bin stay within its budget."""
+    parts = [list(p) for p in parts]
+    while len(parts) % multiple:
+        i = max(range(len(parts)), key=lambda j: len(parts[j]))
+        if len(parts[i]) < 2:
+            raise ValueError(f"{sum(len(p) for p in parts)} groups cannot form a multiple of {multiple} microbatches "
+                             f"(the interleaved pipeline schedule needs one); lower trainer.max_tokens_per_microbatch "
+                             f"or send more prompts per step")
+        half = len(parts[i]) // 2
+        parts[i:i + 1] = [parts[i][:half], parts[i][half:]]
     return parts
 
 
@@ -145,15 +184,20 @@ def collate(groups: Sequence[RolloutGroup], seq_len: Optional[int] = None, pad_i
     return Microbatch(tokens=tokens, position_ids=torch.arange(s).expand(tokens.shape[0], s).clone(),
                       targets=targets, loss_inputs=inputs,
                       group_sizes=torch.tensor([g.size for g in groups]),
-                      rollout_logprobs=torch.stack(logps) if has_lp else None)
+                      rollout_logprobs=torch.stack(logps) if has_lp else None,
+                      extras={"seq_lengths": torch.tensor([g.prompt.numel() + r.numel() for g in groups
+                                                           for r in g.responses])})
 
 
 def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optional[int] = None,
                       max_tokens: Optional[int] = None, uniform_length: bool = False, pad_id: int = 0,
-                      pad_to_multiple: int = 8) -> List[Microbatch]:
+                      pad_to_multiple: int = 8, packed: Optional[str] = None,
+                      count_multiple: int = 1) -> List[Microbatch]:
     """One rank's groups -> microbatches of whole groups, by count or by token budget (exactly one).
 
-    uniform_length pads every microbatch to the same S (pipeline parallelism sends fixed shapes).
+    uniform_length pads every microbatch to the same S (pipeline parallelism sends fixed shapes);
+    packed ("rows" or "thd", seq_packing.py) puts several sequences in one row instead of padding each;
+    count_multiple: a token budget's microbatch count is made a multiple of it (interleaved pipelines).
     """
     if (num_microbatches is None) == (max_tokens is None):
         raise ValueError("give exactly one of num_microbatches and max_tokens")
@@ -164,6 +208,15 @@ def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optio
             raise ValueError(f"group {g.group_id} has an empty prompt")
         if any(r.numel() == 0 for r in g.responses):
             raise ValueError(f"group {g.group_id} has an empty response")
-    parts = split_by_count(groups, num_microbatches) if num_microbatches else split_by_tokens(groups, max_tokens)
+    if num_microbatches:
+        parts = split_by_count(groups, num_microbatches)
+    else:
+        parts = round_count(split_by_tokens(groups, max_tokens, pad_to_multiple, packed=packed is not None),
+                            count_multiple)
     seq_len = _round_up(max(g.max_len for g in groups), pad_to_multiple) if uniform_length else None
-    return [collate(p, seq_len, pad_id, pad_to_multiple) for p in parts]
+    mbs = [collate(p, seq_len if packed is None else None, pad_id, 1 if packed else pad_to_multiple) for p in parts]
+    if packed is not None:
+        from megatron_gift.algo.seq_packing import pack_rows
+        mbs = [pack_rows(mb, packed, pad_id=pad_id, pad_to_multiple=pad_to_multiple,
+                         row_len=seq_len if packed == "rows" else None) for mb in mbs]
+    return mbs

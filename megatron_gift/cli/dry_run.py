@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_gift.planning.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
-                                         estimate_vllm)
+                                         estimate_vllm, static_bytes)
 from megatron_gift.planning.model_size import total_params
 
 _KNOBS = {
@@ -89,19 +89,28 @@ def memory_table(stages: List[StageEstimate], vllm: VllmEstimate, args) -> List[
         row = "".join(f"{_gib(s.get(name)):>10}" if name in {i.name for i in s.items} else f"{'-':>10}"
                       for s in shown)
         lines.append(f"  {name:<26}{row}   {formula}")
-    lines.append(f"  {'vLLM share':<26}" + f"{_gib(vllm.share):>10}" * len(shown) + "   resident during training")
+    note = "resident during training" if vllm.asleep is None else (
+        f"asleep during training (awake {_gib(vllm.share).strip()} GiB while generating)")
+    lines.append(f"  {'vLLM share':<26}" + f"{_gib(vllm.during_training):>10}" * len(shown) + f"   {note}")
     lines.append(f"  {'reserve':<26}" + f"{_gib(args.reserve_gib * GIB):>10}" * len(shown)
                  + "   CUDA context, NCCL, fragmentation")
-    lines.append(f"  {'total':<26}" + "".join(f"{_gib(s.total + vllm.share + args.reserve_gib * GIB):>10}"
+    lines.append(f"  {'total':<26}" + "".join(f"{_gib(_peak(s, vllm) + args.reserve_gib * GIB):>10}"
                                               for s in shown) + f"   of {args.gpu_mem_gib:g} GiB")
     return lines
+
+
+def _peak(stage: StageEstimate, vllm: VllmEstimate) -> float:
+    """The stage's peak with the engine: training + engine, or with sleep the larger of the two phases."""
+    if vllm.asleep is None:
+        return stage.total + vllm.share
+    return max(stage.total + vllm.asleep, static_bytes(stage) + vllm.share)
 
 
 def verdict(stages: List[StageEstimate], vllm: VllmEstimate, args) -> tuple[bool, str]:
     budget = args.gpu_mem_gib * GIB
     fixed = vllm.share + args.reserve_gib * GIB
-    worst = max(stages, key=lambda s: s.total)
-    need = worst.total + fixed
+    worst = max(stages, key=lambda s: _peak(s, vllm))
+    need = _peak(worst, vllm) + args.reserve_gib * GIB
     if need <= budget:
         return True, (f"result: OK: the fullest GPU (stage {worst.stage}) needs {need / GIB:.1f} of "
                       f"{args.gpu_mem_gib:g} GiB")

@@ -36,14 +36,24 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """name: a registered loss (gift, grpo, dapo, gspo; docs/losses.md); options: that loss's config fields; schedule: single_pass / two_pass."""
+    """name: a registered loss (gift, grpo, dapo, gspo; docs/losses.md); options: that loss's config fields;
+    schedule: single_pass / two_pass;
+    anchor_source: where anchor `old` log-probs come from: "policy" (recomputed by the trainer, or taken from
+    the train pass when that is the same policy) or "rollout" (the engine's sampled-token log-probs, verl's
+    bypass mode; the logprob_mismatch metrics show how far they are from the trainer's)."""
 
     name: str = "gift"
     options: Dict[str, Any] = field(default_factory=dict)
     schedule: str = "single_pass"
+    anchor_source: str = "policy"
 
     def __post_init__(self) -> None:
-        build_loss(self.name, self.options)  # validates the name and every option now, not at step 1
+        loss = build_loss(self.name, self.options)  # validates the name and every option now, not at step 1
+        if self.anchor_source not in ("policy", "rollout"):
+            raise ValueError(f"loss.anchor_source must be 'policy' or 'rollout', got {self.anchor_source!r}")
+        if self.anchor_source == "rollout" and getattr(loss, "anchor", None) != "old":
+            raise ValueError("loss.anchor_source: rollout replaces the anchor `old` log-probs; loss "
+                             f"'{self.name}' has anchor {getattr(loss, 'anchor', None)!r}")
         if self.schedule not in ("single_pass", "two_pass"):
             raise ValueError(f"loss.schedule must be 'single_pass' or 'two_pass', got {self.schedule!r}")
 
@@ -106,6 +116,9 @@ class RunConfig:
                              f"{dp} data-parallel ranks x {t.microbatches} microbatches (trainer.prompts_per_step="
                              f"{t.prompts_per_step} / trainer.updates_per_rollout={t.updates_per_rollout} must be a "
                              f"multiple of dp x trainer.microbatches)")
+        if t.packing != "none" and self.parallel.cp > 1:
+            raise ValueError(f"trainer.packing={t.packing!r} with parallel.cp={self.parallel.cp} is not "
+                             f"supported (the context-parallel split assumes one sequence per row)")
         return dp
 
 

@@ -151,6 +151,18 @@ class ParallelConfig:
         return world_size // model_parallel
 
 
+def _check_throughput(t) -> None:
+    """trainer.max_tokens_per_microbatch / trainer.packing: valid values, and never both microbatch rules."""
+    budget = t.max_tokens_per_microbatch
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"trainer.max_tokens_per_microbatch must be an int >= 0 (0: off), got {budget!r}")
+    if budget and t.microbatches != 1:
+        raise ValueError(f"trainer.max_tokens_per_microbatch={budget} sets the microbatches by tokens: leave "
+                         f"trainer.microbatches at 1 (got {t.microbatches})")
+    if t.packing not in ("none", "rows", "thd"):
+        raise ValueError(f"trainer.packing must be 'none', 'rows' or 'thd', got {t.packing!r}")
+
+
 @dataclass
 class TrainerConfig:
     """The loop: steps, prompts per step (global), responses per prompt, microbatches, logging.
@@ -168,6 +180,13 @@ class TrainerConfig:
     async_save: write checkpoints in a background process (Megatron's async dist checkpointing).
     dynamic_sampling: DAPO's dynamic sampling for any loss (rollout/dynamic_sampling.py): enabled, max_rounds,
         on_cap.
+
+    Throughput (algo/packing.py, algo/seq_packing.py):
+    max_tokens_per_microbatch: > 0 bins whole groups into microbatches by tokens (first-fit decreasing), each
+        padded only to its own longest sequence (packed: counting real tokens); their number then varies per
+        step and rank (`microbatches` must stay 1); 0: `microbatches` equal microbatches;
+    packing: "none" (one sequence per row), "rows" (sequences share rows, block-diagonal causal mask; any
+        attention that takes a mask, e.g. the local spec on CPU) or "thd" (one row, Transformer Engine THD).
     """
 
     run_dir: str = "runs/default"
@@ -187,8 +206,11 @@ class TrainerConfig:
     time_budget_s: float = 0.0
     async_save: bool = False
     dynamic_sampling: DynamicSamplingConfig = dataclasses.field(default_factory=DynamicSamplingConfig)
+    max_tokens_per_microbatch: int = 0
+    packing: str = "none"
 
     def __post_init__(self) -> None:
+        _check_throughput(self)
         if isinstance(self.dynamic_sampling, dict):
             self.dynamic_sampling = from_dict(DynamicSamplingConfig, self.dynamic_sampling, "trainer.dynamic_sampling")
         if self.dynamic_sampling.enabled and self.responses_per_prompt < 2:
@@ -218,6 +240,11 @@ class TrainerConfig:
         if self.prompts_per_step % self.updates_per_rollout:  # else the trailing groups are never trained on
             raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
                              f"trainer.updates_per_rollout={self.updates_per_rollout}")
+
+    @property
+    def packed_mode(self):
+        """None, "rows" or "thd" (what pack_microbatches takes)."""
+        return None if self.packing == "none" else self.packing
 
     @property
     def checkpoint_dir(self) -> str:

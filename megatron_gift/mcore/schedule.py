@@ -31,7 +31,9 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from megatron_gift.algo.loss import has_coefficients
 from megatron_gift.algo.packing import Microbatch
+from megatron_gift.algo.seq_packing import to_sequences
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
+from megatron_gift.mcore.packed import forward_packed
 from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
 from megatron_gift.utils.device import compute_device
 
@@ -67,7 +69,10 @@ def _local_view(mb: Microbatch, cp_group) -> Dict[str, Tensor]:
     batch = {"tokens": mb.tokens, "position_ids": mb.position_ids, "targets": mb.targets, "mask": li.mask,
              "anchor": li.anchor_logprobs, "rollout": mb.rollout_logprobs, "ref": li.ref_logprobs}
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        if mb.packed is not None:
+            raise ValueError("trainer.packing with parallel.cp > 1 is not supported; set trainer.packing: none")
         batch = get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
+    batch["packed"] = mb.packed
     return batch
 
 
@@ -88,17 +93,23 @@ class GiftSchedule:
         if settings.mode == "two_pass" and not has_coefficients(loss):
             raise ValueError(f"the two-pass schedule needs analytic coefficients; loss '{loss.name}' has none")
         self._cp_rank = dist.get_rank(pg.cp) if dist.get_world_size(pg.cp) > 1 else 0
+        self.self_anchor = False  # anchor = the train pass's own detached log-probs (set per step, see train_step)
 
     # ----- the forward_step / loss_func contract -------------------------------------------------
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: Microbatch = next(data_iterator)
         view = _local_view(mb, self.pg.cp)
-        output = model(view["tokens"], view["position_ids"], None)
+        if mb.packed is not None:
+            output = forward_packed(model, view["tokens"], view["position_ids"], mb.packed)
+        else:
+            output = model(view["tokens"], view["position_ids"], None)
         return output, partial(loss_fn, mb, view)
 
     def _logprobs(self, logits: Tensor, view) -> Tensor:
-        return vocab_parallel_logprobs(logits, view["targets"], vocab_size=self.settings.vocab_size,
+        """Token log-probs in the per-sequence layout [B, T] (packed rows are mapped back)."""
+        logp = vocab_parallel_logprobs(logits, view["targets"], vocab_size=self.settings.vocab_size,
                                        temperature=self.settings.temperature, tp_group=self.pg.tp)
+        return logp if view["packed"] is None else to_sequences(logp, view["packed"])
 
     def _local_inputs(self, mb: Microbatch, view) -> LossInputs:
         li = mb.loss_inputs
@@ -113,6 +124,8 @@ class GiftSchedule:
 
     def _train_loss(self, mb: Microbatch, view, logits: Tensor):
         logp = self._logprobs(logits, view)
+        if self.self_anchor:  # the anchor pass would recompute exactly these values: take them, detached
+            view["anchor"] = logp.detach() * view["mask"]
         inputs = self._local_inputs(mb, view)
         out = self.loss(logp, inputs, context_parallel_reducer(self.pg.cp))
         metrics = dict(out.metrics)
@@ -133,6 +146,8 @@ class GiftSchedule:
         iters = [iter(microbatches) for _ in range(n_chunks)]
         b, s = microbatches[0].shape
         s_local = s // max(1, dist.get_world_size(self.pg.cp))
+        if dist.get_world_size(self.pg.pp) > 1 and len({mb.shape for mb in microbatches}) > 1:
+            self.config.variable_seq_lengths = True  # token-budget / packed microbatches: stages exchange shapes
         return fb(forward_step_func=partial(self._forward_step, loss_fn),
                   data_iterator=iters if n_chunks > 1 else iters[0], model=model if n_chunks > 1 else model[0],
                   num_microbatches=len(microbatches), seq_length=s_local, micro_batch_size=b,
@@ -156,7 +171,7 @@ class GiftSchedule:
 
     def _gather_full(self, local: Optional[Tensor], mb: Microbatch) -> Tensor:
         """Rebuild [b, S] from CP slices and broadcast it from the last pipeline stage."""
-        b, s = mb.shape
+        b, s = mb.sequence_shape
         cp = self.pg.cp
         if local is not None and dist.get_world_size(cp) > 1:
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(cp))]
@@ -167,23 +182,31 @@ class GiftSchedule:
             dist.broadcast(full, src=dist.get_process_group_ranks(self.pg.pp)[-1], group=self.pg.pp)
         return full
 
-    def forward_backward(self, microbatches: Sequence[Microbatch]) -> Dict[str, Tensor]:
+    def forward_backward(self, microbatches: Sequence[Microbatch], self_anchor: bool = False) -> Dict[str, Tensor]:
         """Zeroed grad buffers, then forward-backward over all microbatches; finalised grads in main_grad.
 
-        Returns the step's metrics, globally reduced.
+        Returns the step's metrics, globally reduced. self_anchor: see train_step.
         """
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        if self.settings.mode == "two_pass":
-            stored = self._two_pass(microbatches)
-        else:
-            stored = self._run(self._train_loss, self.model, microbatches, forward_only=False)
+        self.self_anchor = self_anchor
+        try:
+            if self.settings.mode == "two_pass":
+                stored = self._two_pass(microbatches)
+            else:
+                stored = self._run(self._train_loss, self.model, microbatches, forward_only=False)
+        finally:
+            self.self_anchor = False
         return self._reduce_metrics(stored)
 
-    def train_step(self, microbatches: Sequence[Microbatch], optimizer) -> StepResult:
-        """forward_backward then the optimizer step (gradient clipping inside the Megatron optimizer)."""
+    def train_step(self, microbatches: Sequence[Microbatch], optimizer, self_anchor: bool = False) -> StepResult:
+        """forward_backward then the optimizer step (gradient clipping inside the Megatron optimizer).
+
+        self_anchor: the anchor log-probs are the policy's own before this update (anchor `old`, one update per
+        rollout): they are taken, detached, from the train pass itself instead of a separate forward pass.
+        """
         optimizer.zero_grad()
-        metrics = self.forward_backward(microbatches)
+        metrics = self.forward_backward(microbatches, self_anchor=self_anchor)
         update_successful, grad_norm, _ = optimizer.step()
         return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=bool(update_successful))
 
@@ -210,6 +233,9 @@ class GiftSchedule:
     # ----- two-pass analytic schedule (GIFT) -----------------------------------------------------
     def _two_pass(self, microbatches: Sequence[Microbatch]):
         logps = self.compute_logprobs(self.model, microbatches)
+        if self.self_anchor:  # the forward-only pass is the anchor pass
+            for lp, mb in zip(logps, microbatches):
+                mb.loss_inputs.anchor_logprobs = lp * mb.loss_inputs.mask
         h = torch.cat([((lp - mb.loss_inputs.anchor_logprobs) * mb.loss_inputs.mask).sum(-1).double()
                        for lp, mb in zip(logps, microbatches)])
         rank_inputs = _rank_inputs(microbatches)
@@ -217,7 +243,7 @@ class GiftSchedule:
         n_total = counted.clone()
         dist.all_reduce(n_total, group=self.pg.dp)
         coeff = self.loss.coefficients(h, rank_inputs, n_total) * n_total  # finalize divides by n_total again
-        offsets = torch.cumsum(torch.tensor([0] + [mb.shape[0] for mb in microbatches]), 0)
+        offsets = torch.cumsum(torch.tensor([0] + [mb.sequence_shape[0] for mb in microbatches]), 0)
         position = {id(mb): i for i, mb in enumerate(microbatches)}
         last = len(microbatches) - 1
 

@@ -149,7 +149,7 @@ def _check_vllm(cfg: RunConfig, arch: HFArch, where: str, gpus_per_node: int, er
             "node (every rank hosts a share of an engine, and an engine stays on its node)")
     return VllmPlan(tensor_parallel_size=v.tensor_parallel_size, dtype_bytes=_DTYPE_BYTES[v.dtype],
                     gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_bytes=v.kv_cache_bytes,
-                    max_model_len=v.max_model_len)
+                    max_model_len=v.max_model_len, sleeps=v.sleep_enabled(on_gpu=True))
 
 
 def _check_pipeline(cfg: RunConfig, err, warn) -> None:

@@ -28,7 +28,10 @@ c CP, s sequence length, b sequences per microbatch, d the parameter dtype's byt
 - logits        last stage: tokens * V_pad/t * (d + 8): the logits, the fp32 working copy kept as the
                 softmax for backward (mcore/logprobs.py) and its fp32 gradient;
 - vLLM share    gpu_memory_utilization * GPU memory (or weights + kv_cache_bytes + overhead when
-                kv_cache_bytes is set), resident during training: the trainer does not sleep the engine;
+                kv_cache_bytes is set), resident during training unless the engine sleeps there
+                (rollout.engine.enable_sleep_mode, on by default on GPUs): asleep it keeps only its overhead
+                (weights offloaded to host at level 1, dropped at level 2; KV cache freed), and the step's
+                peak is then max(training + asleep engine, static training state + awake engine);
 - reserve       CUDA context, NCCL buffers, allocator fragmentation (a flat assumption).
 """
 from __future__ import annotations
@@ -169,6 +172,7 @@ class VllmPlan:
     gpu_memory_utilization: float
     kv_cache_bytes: Optional[int]
     max_model_len: int
+    sleeps: bool = False  # the trainer puts the engine to sleep for the train phase
 
 
 @dataclass
@@ -178,6 +182,11 @@ class VllmEstimate:
     kv_cache: float
     kv_bytes_per_token: float
     full_sequences: float  # max_model_len sequences the KV cache holds at once
+    asleep: Optional[float] = None  # bytes left on each GPU while the engine sleeps (None: it never sleeps)
+
+    @property
+    def during_training(self) -> float:
+        return self.share if self.asleep is None else self.asleep
 
 
 def estimate_vllm(arch: HFArch, vocab_multiple: int, v: VllmPlan, gpu_bytes: float) -> VllmEstimate:
@@ -193,4 +202,13 @@ def estimate_vllm(arch: HFArch, vocab_multiple: int, v: VllmPlan, gpu_bytes: flo
         share = v.gpu_memory_utilization * gpu_bytes
         kv = max(share - weights - VLLM_OVERHEAD_BYTES, 0.0)
     return VllmEstimate(share=share, weights=weights, kv_cache=kv, kv_bytes_per_token=per_token,
-                        full_sequences=kv / (per_token * v.max_model_len))
+                        full_sequences=kv / (per_token * v.max_model_len),
+                        asleep=min(VLLM_OVERHEAD_BYTES, share) if v.sleeps else None)
+
+
+STATIC_ITEMS = ("weights", "main grads (fp32)", "optimizer state", "reference model")
+
+
+def static_bytes(stage: StageEstimate) -> float:
+    """What training keeps on the GPU between train phases (while the engine generates)."""
+    return sum(i.bytes for i in stage.items if i.name in STATIC_ITEMS)

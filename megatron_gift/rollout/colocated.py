@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.algo.packing import RolloutGroup
+from megatron_gift.rollout.wire import decode_groups, encode_groups
 
 
 def balanced_slice(total: int, parts: int, index: int) -> Tuple[int, int]:
@@ -72,23 +73,48 @@ class EnginePlacement:
 
 
 def exchange_groups(local: List[RolloutGroup], wanted: Tuple[int, int], placement: EnginePlacement,
-                    dp: int) -> List[RolloutGroup]:
+                    dp: int, device: torch.device = torch.device("cpu")) -> List[RolloutGroup]:
     """Every rank: the scored groups whose group_id lies in `wanted` (this replica's share), sorted by id.
 
     `local` are the groups this rank scored (engine leaders; others pass []). Collective over the world
-    (one all_gather_object of the scored groups) unless `placement.needs_exchange(dp)` is False."""
+    unless `placement.needs_exchange(dp)` is False: every rank's wanted range is gathered (two ints a rank),
+    then each rank sends every other rank only the groups it wants, as one int32 tensor (rollout/wire.py)
+    through all_to_all: a rank receives its replica's share, not every group of the step."""
     start, stop = wanted
     if not placement.needs_exchange(dp):
         mine = list(local)
     else:
-        gathered: List[List[RolloutGroup]] = [None] * placement.world_size  # type: ignore[list-item]
-        dist.all_gather_object(gathered, [g for g in local])
-        mine = [g for groups in gathered for g in groups if start <= g.group_id < stop]
+        mine = _deliver(local, wanted, placement.world_size, device)
     mine.sort(key=lambda g: g.group_id)
     ids = [g.group_id for g in mine]
     if ids != list(range(start, stop)):
         raise RuntimeError(f"rollout exchange: expected the groups {start}..{stop - 1} of this step, got {ids}")
     return mine
+
+
+def _deliver(local: List[RolloutGroup], wanted: Tuple[int, int], world: int, device) -> List[RolloutGroup]:
+    """all_to_all of encoded groups: rank r receives exactly the local groups of every rank in r's range."""
+    ranges = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(ranges, torch.tensor(list(wanted), dtype=torch.int64, device=device))
+    bounds = torch.stack(ranges).tolist()
+    send = [encode_groups([g for g in local if lo <= g.group_id < hi]) for lo, hi in bounds]
+    send_counts = torch.tensor([t.numel() for t in send], dtype=torch.int64, device=device)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    recv_sizes = recv_counts.tolist()
+    received = torch.empty(sum(recv_sizes), dtype=torch.int32, device=device)
+    dist.all_to_all_single(received, torch.cat(send).to(device), output_split_sizes=recv_sizes,
+                           input_split_sizes=send_counts.tolist())
+    _RECEIVED[0] = received.numel() * received.element_size()
+    return decode_groups(received.cpu())
+
+
+_RECEIVED = [0]
+
+
+def last_received_bytes() -> int:
+    """Bytes of groups this rank received in its last exchange (for the tests and the benchmark)."""
+    return _RECEIVED[0]
 
 
 def sum_over_world(values: Sequence[float], device: torch.device) -> List[float]:

@@ -49,6 +49,8 @@ from megatron_gift.trainer import assembly
 from megatron_gift.trainer.checkpointing import TrainingCheckpointer, fingerprint, layout
 from megatron_gift.trainer.limits import check_trainer_supports
 from megatron_gift.trainer.report import EtaClock, MetricsLog, step_line
+from megatron_gift.trainer.throughput import (fill_rollout_anchor, microbatch_rule, self_anchored, set_engine_asleep,
+                                              sleep_note)
 
 
 # Steps after (re)start at which ft_launcher's heartbeat timeouts are recomputed from observed intervals.
@@ -106,6 +108,7 @@ class Trainer:
         self.model, self.reference, self.schedule = parts.model, parts.reference, parts.schedule
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.engine = assembly.build_engine(cfg, self.placement)
+        self.say(sleep_note(self.engine))
         self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None
         self.checkpointer = TrainingCheckpointer(
             checkpoint_files, self.model, self.optimizer, {"scheduler": self.scheduler, "sampler": self.sampler},
@@ -161,15 +164,15 @@ class Trainer:
             reduced = stats.reduced(self.reward_labels, self.rt.device)
             if gather_all:
                 return gather_round(local, len(batch)), reduced
-            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp), reduced
+            return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp,
+                                   device=self.rt.device), reduced
 
     def _rollout_seed(self) -> int:
         return self.cfg.trainer.seed * 1_000_003 + self.step * 131
 
     def pack(self, groups: List[RolloutGroup]):
         t = self.cfg.trainer
-        mbs = pack_microbatches(groups, num_microbatches=t.microbatches, uniform_length=self.cfg.parallel.pp > 1,
-                                pad_id=self.tokenizer.pad_token_id or 0)
+        mbs = pack_microbatches(groups, **microbatch_rule(t, self.cfg.parallel), pad_id=self.tokenizer.pad_token_id or 0)
         for mb in mbs:
             check_loss_inputs(mb.loss_inputs, expected_sizes=mb.group_sizes)
             mb.to(self.rt.device)
@@ -179,7 +182,10 @@ class Trainer:
         """Fills the microbatches' anchor (and, when the loss wants them, reference) log-probs in place."""
         with self.timed("anchor"):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
-            self.schedule.fill_anchor_logprobs(model, mbs)
+            if self.cfg.loss.anchor_source == "rollout":
+                fill_rollout_anchor(mbs)
+            elif not self_anchored(self.loss, self.cfg.trainer):  # else the train pass provides them (no extra forward)
+                self.schedule.fill_anchor_logprobs(model, mbs)
             if self.loss.needs_ref_logprobs:
                 for mb, lp in zip(mbs, self.schedule.compute_logprobs([self.reference], mbs)):
                     mb.loss_inputs.ref_logprobs = lp * mb.loss_inputs.mask
@@ -187,8 +193,10 @@ class Trainer:
     def train(self, mbs):
         """One optimizer update on the microbatches; returns (step result, updates redone after an fp16 overflow)."""
         with self.timed("train"):
-            result, redone = step_until_no_overflow(lambda: self.schedule.train_step(mbs, self.optimizer),
-                                                    self.optimizer, self.cfg.optim)
+            anchored = self_anchored(self.loss, self.cfg.trainer, self.cfg.loss.anchor_source)
+            result, redone = step_until_no_overflow(
+                lambda: self.schedule.train_step(mbs, self.optimizer, self_anchor=anchored),
+                self.optimizer, self.cfg.optim)
             self.scheduler.step(1)
         return result, redone
 
@@ -261,6 +269,7 @@ class Trainer:
         if left:  # the config checks make this impossible; never drop scored groups silently
             raise RuntimeError(f"{len(groups)} groups on this replica do not split into "
                                f"trainer.updates_per_rollout={updates} updates")
+        set_engine_asleep(self, True)
         rewards = torch.cat([g.rewards for g in groups])
         # Anchors for every update of this rollout batch come first: with anchor `old` they are the
         # policy that generated the rollouts (before the batch's first update).
@@ -275,6 +284,7 @@ class Trainer:
             if self.cfg.optim.fp16:  # an overflow halves the loss scale and the update is redone
                 values["fp16_redone_updates"] = values.get("fp16_redone_updates", 0.0) + redone
                 values["loss_scale"] = float(self.optimizer.get_loss_scale())
+        set_engine_asleep(self, False)
         self.sync_weights()
         self.step += 1
         values.update(ds_metrics)

@@ -37,7 +37,29 @@ def test_engine_placement():
 
 def _group(gid: int) -> RolloutGroup:
     return RolloutGroup(group_id=gid, prompt=torch.tensor([gid, 1]), responses=[torch.tensor([gid]), torch.tensor([2])],
-                        rewards=torch.tensor([float(gid), 0.5]))
+                        rewards=torch.tensor([float(gid), 0.5]),
+                        rollout_logprobs=[torch.tensor([-0.1 * gid - 1e-7]), torch.tensor([-2.5])])
+
+
+def _same(a: RolloutGroup, b: RolloutGroup) -> bool:
+    return (a.group_id == b.group_id and torch.equal(a.prompt, b.prompt) and torch.equal(a.rewards, b.rewards)
+            and all(torch.equal(x, y) for x, y in zip(a.responses, b.responses)) and a.size == b.size
+            and (a.rollout_logprobs is None) == (b.rollout_logprobs is None)
+            and all(torch.equal(x, y) for x, y in zip(a.rollout_logprobs or [], b.rollout_logprobs or [])))
+
+
+def test_wire_format_round_trip_is_exact():
+    from megatron_gift.rollout.wire import decode_groups, encode_groups
+    gen = torch.Generator().manual_seed(0)
+    groups = [RolloutGroup(7, torch.randint(0, 150_000, (5,), generator=gen),
+                           [torch.randint(0, 150_000, (n,), generator=gen) for n in (3, 1, 9)],
+                           torch.randn(3, generator=gen), [torch.randn(n, generator=gen) for n in (3, 1, 9)]),
+              _group(2), RolloutGroup(3, torch.tensor([1]), [torch.tensor([4, 5])], torch.tensor([1.0]))]
+    flat = encode_groups(groups)
+    assert flat.dtype == torch.int32 and flat.numel() == (4 + 3 + 5 + 13 + 3 + 13) + (4 + 2 + 2 + 2 + 2 + 2) + (4 + 1 + 1 + 2 + 1)
+    back = decode_groups(flat)
+    assert len(back) == 3 and all(_same(a, b) for a, b in zip(groups, back))
+    assert decode_groups(encode_groups([])) == []
 
 
 def test_exchange_without_communication_checks_the_ids():
@@ -66,10 +88,15 @@ def _exchange_worker(rank: int, world: int):
     dp_rank = rank % 2
     wanted = balanced_slice(batch, 2, dp_rank)
     got = exchange_groups(local, wanted, placement, dp=2)
+    from megatron_gift.rollout.colocated import last_received_bytes
+    from megatron_gift.rollout.wire import encode_groups
+    exact = all(_same(g, _group(g.group_id)) for g in got)
+    share_bytes = 4 * encode_groups([_group(g) for g in range(*wanted)]).numel()
     stats = RolloutStats(samples=float(2 * len(local)), tokens=float(3 * len(local)),
                          term_sums={"r": float(sum(g.rewards.sum() for g in local))}).reduced(["r"], torch.device("cpu"))
     dist.barrier()
-    return {"ids": [g.group_id for g in got], "first_reward": float(got[0].rewards[0]),
+    return {"ids": [g.group_id for g in got], "first_reward": float(got[0].rewards[0]), "exact": exact,
+            "received": last_received_bytes(), "share_bytes": share_bytes,
             "samples": stats.samples, "tokens": stats.tokens, "r": stats.term_sums["r"]}
 
 
@@ -80,7 +107,8 @@ def test_exchange_over_four_ranks_gives_each_replica_its_share():
     for rank, res in enumerate(results):
         want = list(range(0, 4)) if rank % 2 == 0 else list(range(4, 8))
         assert res["ids"] == want, (rank, res)
-        assert res["first_reward"] == float(want[0])
+        assert res["first_reward"] == float(want[0]) and res["exact"]
+        assert res["received"] == res["share_bytes"] > 0  # its replica's share only, not the whole step
         # 8 groups of 2 samples, rewards gid and 0.5 each: sum = 28 + 4
         assert (res["samples"], res["tokens"], res["r"]) == (16.0, 24.0, 32.0)
 

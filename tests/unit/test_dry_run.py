@@ -195,3 +195,24 @@ def test_vllm_share_and_kv_cache():
                       "--set", "rollout.engine.gpu_memory_utilization=0.2")
     # 0.2 x 80 GiB = 16 GiB < 70.55B x 2 B / 8 = 16.4 GiB of weights alone: no room for one sequence
     assert code == 1 and "cannot hold one max_model_len sequence" in text, text
+
+
+def test_a_sleeping_engine_is_not_counted_resident_during_training():
+    """Sleep on (the GPU default): the vLLM row holds the asleep overhead and the peak is the larger phase;
+    sleep off: the whole share is resident during training, as before."""
+    import re
+    args = [R70B, "--nodes", 8, "--gpus-per-node", 8, "--set", "parallel.recompute=full"]
+    code_on, on = _dry(*args)
+    code_off, off = _dry(*args, "--set", "rollout.engine.enable_sleep_mode=false")
+    assert code_on == code_off == 0
+    share = lambda text: [float(x) for x in re.search(r"vLLM share\s+([\d.]+)\s+([\d.]+)", text).groups()]
+    total = lambda text: [float(x) for x in re.search(r"  total\s+([\d.]+)\s+([\d.]+)", text).groups()]
+    assert share(on) == [2.0, 2.0] and "asleep during training (awake 24.00 GiB" in on
+    assert share(off) == [24.0, 24.0] and "resident during training" in off
+    row = lambda text, name: [float(x) for x in re.search(name + r"\s+([\d.]+)\s+([\S]+)", text).groups()
+                              if x != "-"] + [0.0]
+    for i in range(2):  # peak = max(training + asleep engine, weights/grads/optimizer + awake engine) + reserve
+        static = sum(row(on, name)[i] for name in ("weights", r"main grads \(fp32\)", "optimizer state"))
+        training = total(off)[i] - 24.0
+        assert total(on)[i] == pytest.approx(max(training + 2.0, static + 24.0 + 4.0), abs=0.03)
+        assert total(on)[i] < total(off)[i] - 19.0

@@ -1,0 +1,71 @@
+"""Running a packed microbatch (algo/seq_packing.py) through a Megatron GPTModel.
+
+Owns the model-side half of sequence packing:
+- THD through Transformer Engine (GPU): one row of sequences back to back with `PackedSeqParams`
+  (cu_seqlens real and padded, max_seqlen); TE's attention and fused RoPE restart at every boundary.
+- The block-diagonal causal mask (any layer spec that takes a mask, e.g. the local spec on CPU): the
+  mask keeps attention inside each sequence, and RoPE is taken at the per-sequence position ids
+  (GPTModel's RoPE otherwise uses the row position 0..S-1): `sequence_rope` gathers the rotary table
+  at those positions for the duration of one forward.
+Context parallelism with packing is refused (the load-balanced CP split assumes one sequence per row).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from megatron_gift.algo.seq_packing import block_causal_mask
+
+
+def uses_thd(model_chunk: torch.nn.Module) -> bool:
+    """True when the chunk's attention is Transformer Engine's (the THD path); the local spec takes a mask."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    return not any(isinstance(m, DotProductAttention) for m in model_chunk.modules())
+
+
+def packed_seq_params(layout):
+    """PackedSeqParams for TE's THD attention from a "thd" layout (one row)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=layout.cu_seqlens, cu_seqlens_kv=layout.cu_seqlens,
+                           cu_seqlens_q_padded=layout.cu_seqlens_padded,
+                           cu_seqlens_kv_padded=layout.cu_seqlens_padded,
+                           max_seqlen_q=layout.max_seqlen, max_seqlen_kv=layout.max_seqlen)
+
+
+def _rotary(model_chunk: torch.nn.Module):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    found = [m for m in model_chunk.modules() if isinstance(m, RotaryEmbedding)]
+    return found[0] if found else None
+
+
+@contextmanager
+def sequence_rope(model_chunk: torch.nn.Module, position_ids: Optional[torch.Tensor]):
+    """While active, the chunk's RoPE table [S, 1, 1, D] is replaced by its rows at position_ids: [S, R, 1, D]."""
+    rotary = _rotary(model_chunk) if position_ids is not None else None
+    if rotary is None:
+        yield
+        return
+    index = position_ids.t()
+
+    def gather(_module, _args, emb):
+        return emb[:, 0][index]
+
+    handle = rotary.register_forward_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_packed(model_chunk: torch.nn.Module, tokens, position_ids, layout, cp_size: int = 1):
+    """Logits [R, S, V_local] of a packed microbatch: THD on TE, else the block mask with per-sequence RoPE."""
+    if cp_size > 1:
+        raise ValueError("trainer.packing with parallel.cp > 1 is not supported; set trainer.packing: none")
+    if uses_thd(model_chunk):
+        if layout.mode != "thd":
+            raise ValueError("Transformer Engine attention needs trainer.packing: thd (got 'rows')")
+        return model_chunk(tokens, position_ids, None, packed_seq_params=packed_seq_params(layout))
+    with sequence_rope(model_chunk, position_ids):
+        return model_chunk(tokens, position_ids, block_causal_mask(layout.segment_ids))
