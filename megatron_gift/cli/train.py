@@ -24,6 +24,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="checkpoint to resume from: auto (newest complete in the save dir; the default), "
                          "none (fresh start) or a checkpoint directory")
     ap.add_argument("--plot", action="store_true", help="draw reward and loss curves to RUN_DIR/curves.png at the end")
+    ap.add_argument("--verbose", action="store_true", help="show the known-harmless third-party warnings too "
+                    "(also MEGATRON_GIFT_VERBOSE=1; see megatron_gift/utils/noise.py)")
     return ap.parse_args(argv)
 
 
@@ -32,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     install_early()  # a stop signal during start-up is honoured (requeue exit), not fatal
     args = parse_args(argv)
+    from megatron_gift.utils.noise import hide_known_warnings
+    noise = hide_known_warnings(args.verbose)  # before torch / megatron / vllm are imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # vLLM logs a line per weight update at INFO; the step line already says what happened (override: set it).
@@ -62,10 +66,12 @@ def _train(args: argparse.Namespace) -> int:
     from megatron_gift.trainer.trainer import Trainer
 
     trainer = Trainer(cfg)
+    _say_hidden(noise)
     try:
         trainer.run()
     finally:
         trainer.close()
+        _say_hidden(noise)
     if trainer.requeue_requested:
         return REQUEUE_EXIT_CODE
     if args.plot and int(os.environ.get("RANK", 0)) == 0:
@@ -73,6 +79,12 @@ def _train(args: argparse.Namespace) -> int:
         out = plot_runs([cfg.trainer.run_dir], os.path.join(cfg.trainer.run_dir, "curves.png"))
         print(f"[train] curves written to {out}")
     return 0
+
+
+def _say_hidden(noise) -> None:
+    line = noise.summary("train")
+    if line and int(os.environ.get("RANK", 0)) == 0:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ if __name__ == "__main__":
 
 
 def _dependency_site_packages() -> list[str]:
-    """The running interpreter's site-packages (where the dependencies are), never the checkout."""
+    """The running interpreter's site-packages, where the dependencies are (in CI: the clone's .venv). Listed as
+    plain paths, their .pth files are not run, so an editable install of the checkout there stays inactive, and
+    the new venv's own site-packages (the wheel) comes first on sys.path."""
     paths = site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
-    return sorted({p for p in paths if os.path.isdir(p) and not Path(p).resolve().is_relative_to(ROOT)})
+    return sorted({p for p in paths if os.path.isdir(p)})
 
 
 def _run(cmd, cwd, env, timeout=600):
@@ -86,9 +88,10 @@ def wheel_venv(tmp_path_factory):
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], base, env)
     purelib = Path(_run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                         base, env).strip())
-    (purelib / "_megatron_gift_test_deps.pth").write_text("\n".join(_dependency_site_packages()) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index",
           "-q", str(wheel)], base, env)
+    # After the install, so pip never sees (or offers to replace) the checkout's own install among the deps.
+    (purelib / "_megatron_gift_test_deps.pth").write_text("\n".join(_dependency_site_packages()) + "\n")
     work = base / "work"
     work.mkdir()
     return venv / "bin", env, work
