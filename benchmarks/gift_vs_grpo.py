@@ -8,6 +8,7 @@ a finished run (its metrics.jsonl has the last step) is reused, so an interrupte
 
   python benchmarks/gift_vs_grpo.py --out runs/gift_vs_grpo --seeds 1 2 3 --steps 60
   python benchmarks/gift_vs_grpo.py --variants grpo gift_old gift_ref --seeds 1      # a subset
+  python benchmarks/gift_vs_grpo.py --variants grpo dapo gspo gift_old --seeds 1 2   # the paper's baselines
 
 Writes OUT/summary.json, OUT/summary.md and OUT/curves.png; prints the table.
 """
@@ -28,7 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 # name -> --set overrides on top of the config (the config's own loss section is replaced).
 VARIANTS: Dict[str, List[str]] = {
-    "grpo": ["loss.name=grpo", "loss.options={}"],
+    "grpo": ["loss.name=grpo", "loss.options={}"],  # verl's defaults: token-mean, dual clip 3
+    "grpo_seq_mean": ["loss.name=grpo", "loss.options={loss_agg_mode: seq-mean-token-mean}"],  # the first study's GRPO
+    # DAPO's recipe: clip-higher + token-mean (the `dapo` loss), dynamic sampling; overlong shaping is added
+    # from the config by variant_overrides (its length limit is the config's max_new_tokens).
+    "dapo": ["loss.name=dapo", "loss.options={}", "trainer.dynamic_sampling.enabled=true"],
+    "gspo": ["loss.name=gspo", "loss.options={}"],  # the paper's sequence clip range (3e-4, 4e-4)
     "gift_old": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: detached, anchor: old}"],
     "gift_old_full": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: full, anchor: old}"],
     "gift_ref": ["loss.name=gift", "loss.options={beta: 1.0, grad_mode: detached, anchor: ref}"],
@@ -39,6 +45,22 @@ VARIANTS: Dict[str, List[str]] = {
 # With anchor `old` and one update per rollout every log-ratio is 0 when the loss is taken, so beta only
 # scales the (clipped) gradient: the beta sweep is run with anchor `ref`, where it changes the fixed point.
 SMOOTH = 5  # steps in the moving average of the train reward
+
+
+def variant_overrides(name: str, config: str, overrides: Sequence[str] = ()) -> List[str]:
+    """VARIANTS[name], plus for `dapo` the config's reward terms and DAPO's overlong term (buffer: the last
+    quarter of rollout.sampling.max_new_tokens; DAPO used 4096 of 20480)."""
+    extra = list(VARIANTS[name])
+    if name == "dapo":
+        from megatron_gift.config.schema import apply_overrides, load_yaml
+        data = apply_overrides(load_yaml(config), list(overrides))
+        limit = int(data.get("rollout", {}).get("sampling", {}).get("max_new_tokens", 0))
+        if limit < 4:
+            raise ValueError(f"variant dapo: {config} needs rollout.sampling.max_new_tokens >= 4 for overlong shaping")
+        terms = list(data.get("rewards", {}).get("terms", [{"name": "math_verify"}]))
+        terms.append({"name": "overlong", "kwargs": {"max_response_tokens": limit, "buffer_tokens": max(1, limit // 4)}})
+        extra.append("rewards.terms=" + json.dumps(terms))
+    return extra
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -175,11 +197,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary: Dict[str, Dict[str, object]] = {}
     for name in args.variants:
         runs, walls = [], []
+        variant = variant_overrides(name, args.config, args.overrides)
         for seed in args.seeds:
             run_dir = out / name / f"seed{seed}"
-            walls.append(run_one(args.config, run_dir, args.steps, seed, shared + args.overrides + VARIANTS[name]))
+            walls.append(run_one(args.config, run_dir, args.steps, seed, shared + args.overrides + variant))
             runs.append(summarize_run(run_dir, args.threshold))
-        summary[name] = {"overrides": VARIANTS[name], "wall_s": walls, "runs": runs, "aggregate": aggregate(runs)}
+        summary[name] = {"overrides": variant, "wall_s": walls, "runs": runs, "aggregate": aggregate(runs)}
     text = table(summary, args.threshold)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "variants": summary}, indent=1))
     (out / "summary.md").write_text(text + "\n")

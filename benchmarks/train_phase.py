@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist

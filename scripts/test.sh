@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Lint first: a lint error fails CI before the (long) test run.
+ruff check .
+python scripts/check_unreachable.py
 python -m pytest -q -p no:cacheprovider "$@"

@@ -1,4 +1,4 @@
-"""The GIFT loss (GIFT_SPEC.md): MSE between group-normalised explicit and implicit rewards.
+"""The GIFT loss (docs/algorithm.md): MSE between group-normalised explicit and implicit rewards.
 
 Owns the loss of one microbatch of whole groups, its metrics, and the analytic per-sequence
 coefficients c_j = dL/dh_j used by the two-pass schedule. Pure torch: no megatron, no vllm.
@@ -41,6 +41,9 @@ class GIFTConfig:
         trainer reads it to decide which anchor log-probs to compute, the loss only consumes them.
     skip_zero_variance_groups: drop groups whose rewards are all equal from the loss and the count.
     tiny_std_threshold: groups with std_g(h) below it are counted in the `tiny_implicit_std_frac` metric.
+    singleton_implicit: a group of one response; `released` (default, the released verl PR): implicit mean
+        h (detached) and std 1, so z = h - sg(h) is 0 in value with gradient 1 and the loss is A^2 = R^2;
+        `zero_mean` (this project before, GIFT_SPEC's explicit-side rule): mean 0, std 1, z = h.
     """
 
     beta: float = 1.0
@@ -49,8 +52,11 @@ class GIFTConfig:
     anchor: Literal["ref", "old"] = "ref"
     skip_zero_variance_groups: bool = False
     tiny_std_threshold: float = 1e-4
+    singleton_implicit: Literal["released", "zero_mean"] = "released"
 
     def __post_init__(self) -> None:
+        if self.singleton_implicit not in ("released", "zero_mean"):
+            raise ValueError(f"gift singleton_implicit must be 'released' or 'zero_mean', got {self.singleton_implicit!r}")
         if self.grad_mode not in ("detached", "full"):
             raise ValueError(f"gift grad_mode must be 'detached' or 'full', got {self.grad_mode!r}")
         if self.anchor not in ("ref", "old"):
@@ -98,7 +104,8 @@ class GIFTLoss:
     def _terms(self, h: Tensor, inputs: LossInputs) -> _GroupTerms:
         cfg = self.config
         adv = group_advantages(inputs.rewards.to(h.dtype), inputs.group_index, inputs.num_groups, cfg.eps)
-        imp = group_zscore(h, inputs.group_index, inputs.num_groups, cfg.eps, detach_stats=cfg.grad_mode == "detached")
+        imp = group_zscore(h, inputs.group_index, inputs.num_groups, cfg.eps, detach_stats=cfg.grad_mode == "detached",
+                           singleton_self_mean=cfg.singleton_implicit == "released")
         zero_var = zero_variance_groups(inputs.rewards, inputs.group_index, inputs.num_groups)
         weight = torch.ones_like(h.detach())
         if cfg.skip_zero_variance_groups:
@@ -136,8 +143,8 @@ class GIFTLoss:
         detached: c_j = -(2 beta / (N_total (s + eps))) * (A_j - beta z_j)
         full:     c_j = (g_j - mean_g(g) - z_j (s + eps) / ((N - 1) s) * sum_g(g z)) / (s + eps),
                   with g_i = -(2 beta / N_total) (A_i - beta z_i); for eps -> 0 this is
-                  -(2 beta / (N_total s)) (A_j - rho z_j) as in GIFT_SPEC.md.
-        Singleton groups (mean 0, std 1 by convention) have no statistics to differentiate.
+                  -(2 beta / (N_total s)) (A_j - rho z_j) (docs/algorithm.md).
+        Singleton groups (std 1, mean 0 or the detached h by convention) have no statistics to differentiate.
         """
         h = h.detach()
         t = self._terms(h, inputs)

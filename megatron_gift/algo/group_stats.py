@@ -1,7 +1,8 @@
 """Vectorised per-group statistics for grouped rollouts (pure torch, no host syncs).
 
 Owns: sequence sums of token values, group means / unbiased standard deviations and z-scores, with
-the conventions of GIFT_SPEC.md (eps added to the std, groups of one response use mean 0 and std 1).
+the conventions of docs/algorithm.md (eps added to the std, groups of one response use std 1 and mean 0,
+or on GIFT's implicit side their own detached value).
 Groups are addressed by a dense slot index [B] in 0..G-1 and a host int G, so every reduction is an
 index_add with a known output size: no Python loop over sequences and no host sync.
 """
@@ -53,15 +54,19 @@ class GroupZ:
     counts: Tensor
 
 
-def group_zscore(x: Tensor, group_index: Tensor, num_groups: int, eps: float, detach_stats: bool) -> GroupZ:
-    """z-score x [B] inside its groups (GIFT_SPEC: unbiased std, eps on the std; singletons: mean 0, std 1).
+def group_zscore(x: Tensor, group_index: Tensor, num_groups: int, eps: float, detach_stats: bool,
+                 singleton_self_mean: bool = False) -> GroupZ:
+    """z-score x [B] inside its groups (docs/algorithm.md: unbiased std, eps on the std; singletons: std 1 and
+    mean 0, or with singleton_self_mean the detached value itself, so z = (x - sg(x)) / (1 + eps) is 0 in
+    value with gradient 1 / (1 + eps), as the released GIFT code does for the implicit side).
 
     detach_stats=True treats mean and std as constants (the `detached` gradient mode).
     """
     counts = group_counts(group_index, num_groups, x.dtype)
     singleton = counts <= 1
     mean = group_sum(x, group_index, num_groups) / counts.clamp(min=1)
-    mean = torch.where(singleton, torch.zeros_like(mean), mean)
+    single_mean = group_sum(x.detach(), group_index, num_groups) if singleton_self_mean else torch.zeros_like(mean)
+    mean = torch.where(singleton, single_mean, mean)
     centred = x - mean[group_index]
     var = group_sum(centred * centred, group_index, num_groups) / (counts - 1).clamp(min=1)
     std = torch.where(singleton, torch.ones_like(var), _safe_sqrt(var))

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Tuple, Type
 
 from megatron_gift.algo.gift import GIFTConfig, GIFTLoss
+from megatron_gift.algo.dapo import DAPOConfig, DAPOLoss
 from megatron_gift.algo.grpo import GRPOConfig, GRPOLoss
+from megatron_gift.algo.gspo import GSPOConfig, GSPOLoss
 from megatron_gift.algo.loss import Loss, check_loss
 from megatron_gift.utils.dataclass_dict import from_dict
 from megatron_gift.utils.registry import Registry
@@ -16,6 +18,8 @@ from megatron_gift.utils.registry import Registry
 _LOSSES: Registry[Tuple[Callable[..., Any], Type]] = Registry("loss", "losses", {
     "gift": (GIFTLoss, GIFTConfig),
     "grpo": (GRPOLoss, GRPOConfig),
+    "dapo": (DAPOLoss, DAPOConfig),
+    "gspo": (GSPOLoss, GSPOConfig),
 })
 
 

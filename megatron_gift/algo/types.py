@@ -67,8 +67,9 @@ class LossOutput:
     """What a loss returns for one microbatch.
 
     loss_sum       scalar: sum of per-sequence loss terms of this microbatch (graph-attached).
-    num_sequences  scalar tensor: how many sequences loss_sum covers; the schedule divides the sum over
-                   all microbatches and data-parallel ranks by the sum of these, exactly once.
+    num_sequences  scalar tensor: the count loss_sum is normalised by (sequences; response tokens for the
+                   token-mean aggregation of GRPO / DAPO); the schedule divides the sum over all
+                   microbatches and data-parallel ranks by the sum of these, exactly once.
     metrics        name -> tensor [2] = (sum, weight); the reported value is sum/weight after summing
                    over microbatches and ranks. Tensors, never Python floats (no host sync).
     """

@@ -8,15 +8,18 @@ Owns the on-disk layout of `save_dir` (what the tensors inside are is mcore/dist
         rng/rank_00000.pt ...     every rank's random generators
         gift_checkpoint.json      metadata: step, model fingerprint, config items that must not change, layout
         metrics.jsonl             the run's metrics history up to this step
-        complete.json             THE completion marker: step + every file's size (written last, by rank 0)
+        complete.json             THE completion marker: step + every file's size and CRC-32 (written last, by rank 0)
       tmp.step_00000042/          a save in progress (or one killed mid-way): never resumed from
 
 Atomicity: all ranks write into `tmp.step_N`; after a barrier rank 0 lists every file with its size into
 `complete.json` (fsynced), renames the directory to `step_N` (fsynced) and only then deletes checkpoints
 beyond the newest `keep_last` complete ones (renamed to `deleting.*` first, so a crash mid-delete never
-leaves a half-deleted checkpoint that looks complete). A checkpoint is valid when its marker parses and every
-listed file exists with its listed size: a missing marker or a truncated / missing file makes `select("auto")`
-fall back to the previous one. Resume never deletes anything.
+leaves a half-deleted checkpoint that looks complete). A checkpoint is valid when its marker parses, every
+listed file exists with its listed size and its content has the checksum recorded at save time (every rank
+hashes a share of the files after the write, and again when choosing what to resume from: integrity.py): a
+missing marker, a truncated / missing file or changed bytes make `select("auto")` fall back to the previous
+one, naming the file. Resume never deletes anything; `python -m megatron_gift.checkpoint verify DIR` reports
+every damaged file.
 Metadata: `check_compatible` compares the saved fingerprint with the run's and names the first key that
 differs with both values (another model, loss or optimizer kind). The parallel layout may differ.
 """
@@ -33,7 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron_gift.checkpoint import integrity
 from megatron_gift.hf.files import CheckpointError
+from megatron_gift.resilience.leftovers import clean_stale, write_owner
 
 MARKER = "complete.json"
 METADATA = "gift_checkpoint.json"
@@ -62,6 +67,19 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _gather_lists(items: List[Any]) -> List[Any]:
+    """Every rank's list concatenated (in rank order), on every rank."""
+    if not _dist_on() or dist.get_world_size() == 1:
+        return list(items)
+    boxes: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, items)
+    return [x for box in boxes for x in box]
 
 
 def _broadcast_from_rank0(obj: Any) -> Any:
@@ -96,8 +114,31 @@ def list_files(root: Path) -> Dict[str, int]:
     return out
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if `path` is a complete checkpoint, else the reason it is not (marker, a missing / truncated file)."""
+def verify(path: Path, content: bool = False) -> Optional[str]:
+    """None if `path` is a complete checkpoint, else the reason it is not (marker, a missing / truncated file;
+    with `content`, also a file whose bytes no longer match the checksum recorded at save time)."""
+    reason = _verify_sizes(path)
+    if reason is None and content:
+        bad = damaged_files(path)
+        if bad:
+            return _damage_reason(bad)
+    return reason
+
+
+def _damage_reason(bad: List[Tuple[str, str]]) -> str:
+    return "; ".join(f"file {rel}: {why}" for rel, why in bad)
+
+
+def damaged_files(path: Path, rank: int = 0, world: int = 1) -> List[Tuple[str, str]]:
+    """(file, reason) for the files of this rank's share whose content differs from the checksum recorded in
+    the marker (a marker without checksums, written before they existed: nothing to compare)."""
+    info = json.loads((path / MARKER).read_text())
+    recorded = info.get("checksums") or {}
+    sizes = {rel: size for rel, size in info["files"].items() if rel in recorded}
+    return integrity.damaged(path, recorded, integrity.share(sizes, rank, world))
+
+
+def _verify_sizes(path: Path) -> Optional[str]:
     marker = path / MARKER
     if not marker.is_file():
         return f"no completion marker {MARKER} (save interrupted?)"
@@ -161,6 +202,7 @@ class CheckpointManager:
         self.save_dir = Path(save_dir)
         self.keep_last = keep_last
         self.log = log
+        self.last_checksum_seconds = 0.0
 
     # ----- saving -----------------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
@@ -179,7 +221,7 @@ class CheckpointManager:
         """An incomplete / corrupt step_N where this save must go is kept under another name, never deleted."""
         if not final.exists():
             return
-        reason = verify(final)
+        reason = verify(final, content=True)
         if reason is None:
             raise CheckpointError(f"{final} already exists and is complete: refusing to overwrite a saved checkpoint")
         aside = final.with_name(f"{final.name}.invalid-{int(time.time())}")
@@ -190,8 +232,15 @@ class CheckpointManager:
         """All ranks, after they finished writing: rank 0 writes the marker, renames, applies retention."""
         _barrier()
         final = self.save_dir / step_dir_name(step)
+        files = _broadcast_from_rank0(list_files(tmp) if _rank() == 0 else None)
+        start = time.perf_counter()
+        sums = dict(_gather_lists(list(integrity.checksums(tmp, integrity.share(files, _rank(), _world())).items())))
+        self.last_checksum_seconds = time.perf_counter() - start
         if _rank() == 0:
-            _write_json_durable(tmp / MARKER, {"step": step, "files": list_files(tmp), "saved_at": time.time()})
+            _write_json_durable(tmp / MARKER, {"step": step, "files": files, "checksums": sums,
+                                               "checksum_algorithm": integrity.ALGORITHM, "saved_at": time.time()})
+            self.log(f"[checkpoint] step {step}: checksums of {len(files)} files ({sum(files.values()) / 1e6:.1f} MB) "
+                     f"in {self.last_checksum_seconds:.2f}s")
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.save_dir)
@@ -204,10 +253,17 @@ class CheckpointManager:
         complete = [c for c in self.candidates() if verify(c.path) is None]
         doomed = complete[:-self.keep_last] if len(complete) > self.keep_last else []
         for c in doomed:
-            trash = c.path.with_name(f"deleting.{c.path.name}")
+            trash = c.path.with_name(f"deleting.{c.path.name}.pid-{os.getpid()}")
             os.replace(c.path, trash)
+            write_owner(trash)
             shutil.rmtree(trash)
         return [c.path for c in doomed]
+
+    def clean_leftovers(self) -> List[Path]:
+        """Remove half-deleted checkpoints (`deleting.step_N*`) that a killed retention left, when the process
+        that was deleting them no longer runs (resilience/leftovers.py); says so for each. `deleting.step_N`
+        without a pid (written before pids were recorded) is half-deleted garbage whoever left it."""
+        return clean_stale(self.save_dir, "deleting.step_*", log=self.log, ownerless_is_stale=True)
 
     # ----- resuming ---------------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:
@@ -222,46 +278,69 @@ class CheckpointManager:
         return sorted(found, key=lambda c: c.step)
 
     def newest_complete(self) -> Tuple[Optional[Path], List[str]]:
-        """The newest valid checkpoint and why each newer one was skipped."""
+        """The newest valid checkpoint (sizes and, in one process, checksums) and why each newer one was skipped."""
         skipped = []
         for c in reversed(self.candidates()):
-            reason = verify(c.path)
+            reason = verify(c.path, content=True)
             if reason is None:
                 return c.path, skipped
             skipped.append(f"{c.path}: {reason}")
         return None, skipped
 
+    def _complete_by_size(self) -> Tuple[List[str], List[str]]:
+        """Checkpoints whose marker and file sizes are right (newest first) and why the others were skipped."""
+        ok, skipped = [], []
+        for c in reversed(self.candidates()):
+            reason = verify(c.path)
+            if reason is None:
+                ok.append(str(c.path))
+            else:
+                skipped.append(f"{c.path}: {reason}")
+        return ok, skipped
+
     def select(self, resume: str) -> Optional[Path]:
         """What to resume from: 'none' -> None; 'auto' -> newest complete in save_dir (or None); else a path,
         which must itself be complete. Rank 0 decides, every rank gets the same answer."""
-        decision: Tuple[Optional[str], Optional[str], List[str]] = (None, None, [])
+        decision: Tuple[List[str], Optional[str], List[str]] = ([], None, [])
         if _rank() == 0:
+            self.clean_leftovers()
             decision = self._decide(resume)
-        path, error, skipped = _broadcast_from_rank0(decision)
-        if error:
-            raise CheckpointError(error)
+        paths, error, skipped = _broadcast_from_rank0(decision)
+        chosen = None
+        for path in paths:  # newest first; each checked against its checksums by all ranks together
+            bad = sorted(_gather_lists(damaged_files(Path(path), _rank(), _world())))
+            if not bad:
+                chosen = path
+                break
+            if resume != "auto":
+                error = f"trainer.resume={resume!r} is damaged: {_damage_reason(bad)}"
+                break
+            skipped.append(f"{path}: {_damage_reason(bad)}")
         for line in skipped:
             self.log(f"[checkpoint] skipping {line}")
-        return Path(path) if path else None
+        if error:
+            raise CheckpointError(error)
+        return Path(chosen) if chosen else None
 
     def _decide(self, resume: str):
+        """(candidate paths newest first, error, skipped reasons); checksums are checked by `select`."""
         if resume == "auto":
-            path, skipped = self.newest_complete()
-            return (str(path) if path else None), None, skipped
+            ok, skipped = self._complete_by_size()
+            return ok, None, skipped
         if resume == "none":
             path, start = None, 0
         else:
             path = Path(resume)
             if not path.is_dir():
-                return None, f"trainer.resume={resume!r}: no such checkpoint directory", []
+                return [], f"trainer.resume={resume!r}: no such checkpoint directory", []
             reason = verify(path)
             if reason:
-                return None, f"trainer.resume={resume!r} is not a complete checkpoint: {reason}", []
+                return [], f"trainer.resume={resume!r} is not a complete checkpoint: {reason}", []
             start = int(json.loads((path / MARKER).read_text())["step"])
         newer = [str(c.path) for c in self.candidates() if c.step > start and verify(c.path) is None]
         if newer:
             # Saving on from an older state would interleave two runs' checkpoints (and retention would
             # delete the wrong ones): refuse instead of guessing.
-            return None, (f"trainer.resume={resume!r} starts at step {start} but save_dir {self.save_dir} holds "
-                          f"newer complete checkpoints {newer}: use another trainer.save_dir"), []
-        return (str(path) if path else None), None, []
+            return [], (f"trainer.resume={resume!r} starts at step {start} but save_dir {self.save_dir} holds "
+                        f"newer complete checkpoints {newer}: use another trainer.save_dir"), []
+        return ([str(path)] if path else []), None, []

@@ -1,9 +1,9 @@
 """Convert a Megatron-Core distributed checkpoint back into a Hugging Face model directory.
 
-    python tools/convert_mcore_to_hf.py --mcore-dir DIR --out DIR [--overwrite] [--key-prefix P]
+    megatron-gift-convert-mcore-to-hf --mcore-dir DIR --out DIR [--overwrite] [--key-prefix P]
 
 --mcore-dir holds config.json (the HF config), megatron_gift_conversion.json and model/ (the dist
-checkpoint), as tools/convert_hf_to_mcore.py writes it. A training checkpoint's model part can be
+checkpoint), as megatron-gift-convert-hf-to-mcore writes it. A training checkpoint's model part can be
 exported the same way once laid out like that (its keys may carry a prefix: --key-prefix). Tensors are
 loaded one layer at a time and written as sharded safetensors + index + config.json + tokenizer files,
 which transformers.AutoModelForCausalLM.from_pretrained loads. Written atomically (temp dir, rename).
@@ -21,17 +21,24 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     """Library entry point; returns a small summary (tensor count, bytes, seconds)."""
     from tqdm import tqdm
 
-    from megatron_gift.hf.files import atomic_output_dir
+    from megatron_gift.hf.files import atomic_output_dir, check_disjoint
     from megatron_gift.mcore.convert import read_conversion_info, write_mcore_checkpoint_as_hf
 
     mcore_dir = Path(mcore_dir)
+    if mcore_dir.exists() and not mcore_dir.is_dir():
+        raise ValueError(f"--mcore-dir {mcore_dir} is a file: give the converted checkpoint's directory")
+    check_disjoint(mcore_dir, out, "--mcore-dir")
     read_conversion_info(mcore_dir)  # a directory that is not a conversion is an error before --out is touched
     start = time.perf_counter()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, sources=[mcore_dir], log=_stderr) as tmp:
         n, size = write_mcore_checkpoint_as_hf(mcore_dir, tmp, key_prefix, max_shard_bytes,
                                                progress=lambda it: tqdm(it, desc="mcore->hf", unit="tensor",
                                                                         disable=quiet))
     return {"tensors": n, "bytes": size, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def main(argv=None) -> int:

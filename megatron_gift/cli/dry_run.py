@@ -33,8 +33,8 @@ _KNOBS = {
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m megatron_gift.cli.dry_run", description=__doc__.split("\n\n")[1])
     ap.add_argument("config", help="run config YAML")
-    ap.add_argument("--nodes", type=int, required=True)
-    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--nodes", type=positive_int, required=True)
+    ap.add_argument("--gpus-per-node", type=positive_int, required=True)
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU (H100 SXM: 80)")
     ap.add_argument("--reserve-gib", type=float, default=4.0,
                     help="CUDA context, NCCL buffers and fragmentation kept free on every GPU (default 4)")
@@ -164,6 +164,17 @@ def run(args: argparse.Namespace, out=print) -> int:
     fits, line = verdict(stages, vllm, args)
     out(line)
     return 0 if ok and fits else 1
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:

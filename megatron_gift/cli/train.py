@@ -3,7 +3,9 @@
 Runs under torchrun for several ranks (gloo on CPU, NCCL on GPU) or as a single process.
 `--resume auto|none|PATH` (= --set trainer.resume=...) picks the checkpoint to continue from. Exit codes:
 0 done, REQUEUE_EXIT_CODE (75, megatron_gift/resilience/stop.py) stopped on a signal or the wall-clock budget
-after saving a checkpoint (requeue the job), anything else a failure.
+after saving a checkpoint, or before the first step (requeue the job), 2 a user error (config, data, checkpoint
+selection, paths: one line on stderr naming the key / file / row, no traceback; utils/errors.py), anything else
+a failure with its traceback.
 """
 from __future__ import annotations
 
@@ -26,17 +28,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_gift.resilience.stop import install_early
+
+    install_early()  # a stop signal during start-up is honoured (requeue exit), not fatal
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # vLLM logs a line per weight update at INFO; the step line already says what happened (override: set it).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE
+    from megatron_gift.utils.errors import record_internal_error, report_user_error, user_error_types
+
+    try:
+        return _train(args)
+    except user_error_types() as exc:  # bad input: one line naming the key / file / row, no traceback
+        return report_user_error(exc)
+    except Exception as exc:  # internal: the traceback follows, and torchrun's summary gets the cause
+        record_internal_error(exc)
+        raise
+
+
+def _train(args: argparse.Namespace) -> int:
     from megatron_gift.config.run import load_run_config
-    from megatron_gift.trainer.trainer import Trainer
+    from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE
+    from megatron_gift.trainer.preflight import preflight
+    from megatron_gift.utils.errors import UserError
 
     overrides = args.overrides + ([f"trainer.resume={args.resume}"] if args.resume is not None else [])
-    cfg = load_run_config(args.config, overrides)
+    try:
+        cfg = load_run_config(args.config, overrides)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:  # every config error is the user's
+        raise UserError(str(exc)) from None
+    preflight(cfg)  # before the warm start, conversions, models and engines
+    from megatron_gift.trainer.trainer import Trainer
+
     trainer = Trainer(cfg)
     try:
         trainer.run()

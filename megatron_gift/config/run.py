@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, Optional
 from megatron_gift.algo.registry import build_loss
 from megatron_gift.config.schema import ParallelConfig, TrainerConfig, apply_overrides, load_yaml
 from megatron_gift.data.config import PromptDataConfig
+from megatron_gift.hf.hub import resolve_model_dir
 from megatron_gift.mcore.precision import PrecisionConfig
 from megatron_gift.mcore.training import OptimSettings
 from megatron_gift.rewards.combine import RewardConfig
@@ -23,8 +24,9 @@ from megatron_gift.utils.dataclass_dict import from_dict, nearest
 
 @dataclass
 class ModelConfig:
-    """hf_dir: the Hugging Face checkpoint the policy, the reference and the rollout engine start from;
-    mcore_dir: its converted Megatron checkpoint (tools/convert_hf_to_mcore.py), needed for TP or PP > 1.
+    """hf_dir: the Hugging Face checkpoint (a directory, or a Hub id such as Qwen/Qwen3-8B taken from the local
+    Hugging Face cache, megatron_gift/hf/hub.py) the policy, the reference and the rollout engine start from;
+    mcore_dir: its converted Megatron checkpoint (megatron-gift-convert-hf-to-mcore), needed for TP or PP > 1.
     Leave it empty with a `warmstart` section to have the trainer make (and cache) a tiny warm-started one."""
 
     hf_dir: str = ""
@@ -34,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """name: a registered loss (gift, grpo); options: that loss's config fields; schedule: single_pass / two_pass."""
+    """name: a registered loss (gift, grpo, dapo, gspo; docs/losses.md); options: that loss's config fields; schedule: single_pass / two_pass."""
 
     name: str = "gift"
     options: Dict[str, Any] = field(default_factory=dict)
@@ -135,4 +137,6 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
     """YAML file + `--set` overrides -> validated RunConfig."""
     data = apply_overrides(load_yaml(path), overrides)
     _resolve_paths(data, Path(path).resolve().parent)
+    if isinstance(data.get("model"), dict) and isinstance(data["model"].get("hf_dir"), str):
+        data["model"]["hf_dir"] = resolve_model_dir(data["model"]["hf_dir"])  # a Hub id -> its cached snapshot
     return run_config_from_dict(data)

@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
+
+from megatron_gift.rollout.dynamic_sampling import DynamicSamplingConfig
+from megatron_gift.utils.dataclass_dict import from_dict
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2's exponent floats: `lr: 3e-4` is a float (YAML 1.1 reads a string), as with --set."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def load_yaml(path: str | Path) -> Dict[str, Any]:
@@ -23,7 +37,9 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"run config '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"run config '{path}' is not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"run config '{path}' is not valid YAML: {exc}") from exc
     if data is None:
@@ -56,7 +72,7 @@ def _parse_value(raw: str) -> Any:
     """YAML scalar parsing, plus floats YAML 1.1 leaves as strings (`1e-4`)."""
     if not raw.strip():
         return ""
-    value = yaml.safe_load(raw)
+    value = yaml.load(raw, Loader=_Loader)
     if isinstance(value, str):
         try:
             return float(value)
@@ -82,11 +98,17 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def write_resolved(config: Any, path: str | Path) -> Path:
-    """Write the fully resolved config as YAML (never overwrites a different existing one silently)."""
+def write_resolved(config: Any, path: str | Path, log=print) -> Path:
+    """Write the fully resolved config as YAML. A different existing one is kept under a new name
+    (config.resolved.<time>.yaml) and the change is announced, never overwritten silently."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_plain(config), sort_keys=False)
+    if path.is_file() and path.read_text() != text:
+        kept = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        path.replace(kept)
+        log(f"[config] the resolved config differs from the one this run directory had: the previous one is kept "
+            f"as {kept}")
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -144,6 +166,8 @@ class TrainerConfig:
     resume: "auto" (newest complete checkpoint in save_dir, else a fresh start), "none", or a checkpoint path;
     time_budget_s: stop (save, exit with the requeue code) before this many seconds of wall time (0: off);
     async_save: write checkpoints in a background process (Megatron's async dist checkpointing).
+    dynamic_sampling: DAPO's dynamic sampling for any loss (rollout/dynamic_sampling.py): enabled, max_rounds,
+        on_cap.
     """
 
     run_dir: str = "runs/default"
@@ -162,13 +186,26 @@ class TrainerConfig:
     resume: str = "auto"
     time_budget_s: float = 0.0
     async_save: bool = False
+    dynamic_sampling: DynamicSamplingConfig = dataclasses.field(default_factory=DynamicSamplingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dynamic_sampling, dict):
+            self.dynamic_sampling = from_dict(DynamicSamplingConfig, self.dynamic_sampling, "trainer.dynamic_sampling")
+        if self.dynamic_sampling.enabled and self.responses_per_prompt < 2:
+            raise ValueError("trainer.dynamic_sampling.enabled needs trainer.responses_per_prompt >= 2 (a group of "
+                             "one has no reward variance)")
         for name in ("steps", "prompts_per_step", "responses_per_prompt", "microbatches", "updates_per_rollout",
                      "log_every", "keep_last"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"trainer.{name} must be an int >= 1, got {value!r}")
+        if self.responses_per_prompt < 2:
+            raise ValueError(f"trainer.responses_per_prompt is {self.responses_per_prompt}: GIFT and GRPO normalise "
+                             "rewards within each prompt's group of responses, which needs at least 2 (a group of one "
+                             "has no spread to learn from); use 2 or more")
+        if self.prompts_per_step % self.updates_per_rollout:
+            raise ValueError(f"trainer.prompts_per_step={self.prompts_per_step} must be divisible by "
+                             f"trainer.updates_per_rollout={self.updates_per_rollout}")
         if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
             raise ValueError(f"trainer.save_every must be an int >= 0 (0: save only on stop requests), "
                              f"got {self.save_every!r}")

@@ -18,7 +18,8 @@ BAD_ROW_POLICIES = ("error", "skip")
 class PromptDataConfig:
     """Where the prompts are and how rows become prompt records.
 
-    path              a .jsonl / .json / .parquet file or a `datasets.save_to_disk` directory.
+    path              a .jsonl / .json / .parquet file, a `datasets.save_to_disk` directory, or a Hub dataset
+                      id ("org/name", through `datasets`; from the local cache when HF_HUB_OFFLINE is set).
     format            one of FORMATS; `auto` picks from the suffix (a directory means arrow-dir).
     prompt_key        the row field holding the prompt text (e.g. "prompt" or "question").
     answer_key        the row field holding the reference answer ("answer" / "solution"); None: no answer.

@@ -1,6 +1,7 @@
 """Read prompt rows from disk with `datasets` and check each one (L1).
 
-Owns: format detection, loading jsonl / json / parquet / `save_to_disk` directories, and running the row
+Owns: format detection, loading jsonl / json / parquet / `save_to_disk` directories and Hub dataset ids
+("org/name", from the local cache when HF_HUB_OFFLINE is set), and running the row
 checks (rows.py) over a file: a malformed row is an error naming the file, the row and the key, or is
 skipped and counted when the config says `on_bad_row: skip`. Tokenisation lives in dataset.py.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from megatron_gift.data.config import PromptDataConfig
+from megatron_gift.hf.hub import hub_offline, is_hub_id, snapshot_dir
 from megatron_gift.data.rows import PromptDataError, RawPrompt, bad_row_reason, check_row
 from megatron_gift.utils.dataclass_dict import nearest
 
@@ -57,6 +59,8 @@ def load_rows(config: PromptDataConfig, stats: LoadStats):
 
     path = config.path
     if not os.path.exists(path):
+        if is_hub_id(path) and os.path.splitext(path)[1].lower() not in _SUFFIX_FORMATS:
+            return load_hub_dataset(path, config.split)
         raise PromptDataError(f"prompt data file not found: {path}")
     fmt = detect_format(path, config.format)
     datasets.disable_progress_bars()
@@ -76,14 +80,38 @@ def load_rows(config: PromptDataConfig, stats: LoadStats):
         return datasets.Dataset.from_list(_read_jsonl_lines(path, config.on_bad_row, stats))
 
 
+def load_hub_dataset(repo_id: str, split: str):
+    """A Hub dataset id ("org/name") through `datasets`: online, load_dataset(repo_id); offline, the repo's
+    snapshot in the huggingface_hub cache (HF_HOME), else what load_dataset cached before."""
+    import datasets
+
+    if not hub_offline():
+        return datasets.load_dataset(repo_id, split=split)
+    try:
+        local = snapshot_dir(repo_id, "prompt data path", repo_type="dataset")
+    except ValueError as missing:
+        try:
+            return datasets.load_dataset(repo_id, split=split)
+        except Exception:
+            raise PromptDataError(str(missing)) from None
+    try:
+        return datasets.load_dataset(local, split=split)
+    except ValueError as exc:  # e.g. an unknown split
+        raise PromptDataError(f"{repo_id} (cached at {local}): {exc}") from exc
+
+
 def _read_jsonl_lines(path: str, on_bad_row: str, stats: LoadStats) -> list[dict]:
     """Parse a jsonl file line by line so a syntax error names its line (1-based) or is skipped."""
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
@@ -126,6 +154,22 @@ def load_raw_prompts(config: PromptDataConfig,
     if missing:
         raise PromptDataError(f"{config.path}: no column {missing[0]!r} in any row"
                               f"{nearest(missing[0], rows.column_names)} (columns: {', '.join(rows.column_names)})")
-    prompts = check_rows(rows, config, stats)
+    try:
+        prompts = check_rows(rows, config, stats)
+    except UnicodeDecodeError as exc:  # pyarrow's JSON reader keeps invalid UTF-8; decoding a row fails later
+        raise PromptDataError(f"{config.path}: {_first_non_utf8(config.path) or 'not UTF-8 text'}: {exc}") from None
     stats.rows_kept = len(prompts)
     return prompts, stats
+
+
+def _first_non_utf8(path: str) -> Optional[str]:
+    """'line N: not UTF-8 text' for the first line of a file that does not decode, or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {line_no}: not UTF-8 text"
+    return None

@@ -98,6 +98,9 @@ def prepare_demo_inputs(run_cfg, run_dir: str, log: Optional[Callable[[str], Non
     from megatron_gift.data.builtin import builtin_arithmetic_paths
 
     ws = run_cfg.warmstart
+    note = replaced_paths_note(run_cfg, run_dir)
+    if note and log is not None:
+        log(note)
     if ws.task_max_operand > 0:
         make_arithmetic_dataset(str(Path(run_dir) / "data"), ws.task_n_train, ws.task_n_eval, seed=ws.seed,
                                 max_operand=ws.task_max_operand)
@@ -105,6 +108,19 @@ def prepare_demo_inputs(run_cfg, run_dir: str, log: Optional[Callable[[str], Non
     # The supervised warm start sees every prompt of the file, also when RL samples only its first max_prompts.
     sft_data = dataclasses.replace(run_cfg.data, max_prompts=0)
     make_warmstart_model(ws, sft_data, builtin_arithmetic_paths()["tokenizer"], run_cfg.model.hf_dir, log=log)
+
+
+def replaced_paths_note(run_cfg, run_dir: str) -> Optional[str]:
+    """One line saying which configured data paths the generated task replaces (None when it replaces none)."""
+    ws = run_cfg.warmstart
+    if ws is None or ws.task_max_operand <= 0:
+        return None
+    data = Path(run_dir) / "data"
+    parts = [f"data.path {run_cfg.data.path} -> {data / 'train.jsonl'}"]
+    if run_cfg.eval_data is not None:
+        parts.append(f"eval_data.path {run_cfg.eval_data.path} -> {data / 'eval.jsonl'}")
+    return (f"[warmstart] warmstart.task_max_operand={ws.task_max_operand} generates the task and replaces "
+            f"{'; '.join(parts)} (set warmstart.task_max_operand: 0 to train on data.path)")
 
 
 def point_at_demo_inputs(run_cfg, run_dir: str) -> None:

@@ -1,7 +1,7 @@
 """Accuracy of a checkpoint on a prompt set (L3): greedy pass@1, mean@k and unbiased pass@k.
 
 Owns: taking a model path (a Hugging Face dir, or a Megatron checkpoint written by
-tools/convert_hf_to_mcore.py, exported to a temporary HF dir), generating greedy and / or k sampled
+megatron-gift-convert-hf-to-mcore, exported to a temporary HF dir), generating greedy and / or k sampled
 responses per prompt with the project's rollout engine (`VllmEngine`), scoring them with the reward
 registry, the metrics, and the JSON report (written atomically, never over an existing file).
 Prompts come from the project's data loading (`PromptDataConfig` / `build_prompt_dataset`), so the
@@ -113,7 +113,7 @@ def model_kind(path: str | Path) -> str:
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise ValueError(f"{p}: neither a Hugging Face model dir (config.json + *.safetensors) nor a Megatron "
-                     f"checkpoint ({CONVERSION_INFO} + model/, as tools/convert_hf_to_mcore.py writes)")
+                     f"checkpoint ({CONVERSION_INFO} + model/, as megatron-gift-convert-hf-to-mcore writes)")
 
 
 def export_mcore_to_hf(mcore_dir: Path, out_dir: Path, key_prefix: str = "") -> None:
@@ -129,6 +129,8 @@ def hf_model_dir(path: str | Path, key_prefix: str = "", log: Callable[[str], No
         yield str(path)
         return
     with tempfile.TemporaryDirectory(prefix="mg_eval_hf_") as tmp:
+        from megatron_gift.hf.files import check_disjoint
+        check_disjoint(path, tmp, "--model", "the temporary export")
         start = time.perf_counter()
         export_mcore_to_hf(Path(path), Path(tmp), key_prefix)
         log(f"[eval] exported Megatron checkpoint {path} to HF in {time.perf_counter() - start:.1f} s")
@@ -152,8 +154,9 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
         recs = [records[i] for i in batch]
         ids = [r.prompt_ids for r in recs]
         if settings.greedy:
-            texts = [tokenizer.decode(o) for o in engine.greedy(ids, settings.max_new_tokens)]
-            scores = rewards.score_records(recs, texts).total
+            outs = engine.greedy(ids, settings.max_new_tokens)
+            texts = [tokenizer.decode(o) for o in outs]
+            scores = rewards.score_records(recs, texts, [len(o) for o in outs]).total
             for i, text, score in zip(batch, texts, scores):
                 rows[i].greedy_response, rows[i].greedy_reward = text, score
         if settings.k:
@@ -161,7 +164,8 @@ def generate_and_score(engine: RolloutEngine, dataset: PromptDataset, tokenizer,
             # both recorded in the report's settings.
             result = engine.generate(ids, settings.k, settings.sampling(), seed=settings.seed * 1_000_003 + batch[0])
             texts = [tokenizer.decode(s.token_ids) for group in result.samples for s in group]
-            scores = rewards.score_records([r for r in recs for _ in range(settings.k)], texts).total
+            lengths = [len(s.token_ids) for group in result.samples for s in group]
+            scores = rewards.score_records([r for r in recs for _ in range(settings.k)], texts, lengths).total
             for j, i in enumerate(batch):
                 part = slice(j * settings.k, (j + 1) * settings.k)
                 rows[i].sample_responses, rows[i].sample_rewards = texts[part], scores[part]

@@ -8,12 +8,13 @@ Does not own: tensor names or transforms (checkpoint/mapping.py), Megatron files
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -181,24 +182,52 @@ def copy_side_files(src: Path, dst: Path) -> List[str]:
     return copied
 
 
+def check_disjoint(source: Path, out: Path, source_flag: str = "source", out_flag: str = "--out") -> None:
+    """Refuse an output that is, contains or sits inside the source: writing or replacing it would delete
+    (part of) the source model."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst:
+        why = "is"
+    elif src.is_relative_to(dst):
+        why = "contains"
+    elif dst.is_relative_to(src):
+        why = "sits inside"
+    else:
+        return
+    raise ValueError(f"{out_flag} {out} {why} the {source_flag} {source}: the output would replace or mix with the "
+                     f"source model (--overwrite never deletes a source); choose a directory outside it")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool = False, sources: Sequence[Path] = (),
+                      log: Callable[[str], None] = print) -> Iterator[Path]:
     """Yield a temp dir next to `out`; on success it replaces `out`, on any error it is removed.
 
     An existing `out` is refused unless overwrite; with overwrite it is kept until the new one is complete.
+    An `out` that is, contains or sits inside one of `sources` is refused (check_disjoint). Temp dirs of this
+    output left by killed processes (`.OUT.tmp-PID` whose process is dead) are removed first, with a message.
     """
+    from megatron_gift.resilience.leftovers import clean_stale, drop_owner, write_owner
+
+    for source in sources:
+        check_disjoint(source, out)
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent, f".{glob.escape(out.name)}.tmp-*", log=log)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    write_owner(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    drop_owner(tmp)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)

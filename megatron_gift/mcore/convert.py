@@ -1,6 +1,6 @@
 """Megatron side of the HF <-> Megatron converters: converted-checkpoint layout, save, load, export stream.
 
-A converted checkpoint directory (what tools/convert_hf_to_mcore.py writes):
+A converted checkpoint directory (what megatron-gift-convert-hf-to-mcore writes):
     config.json                      the source HF config (the model is rebuilt from it)
     tokenizer*.json, ...             tokenizer / generation files copied from the HF dir
     megatron_gift_conversion.json    {format_version, model_type, dtype, vocab_multiple, padded_vocab_size, ...}
@@ -70,7 +70,7 @@ def single_process_parallel_state(seed: int = 1234) -> Iterator[None]:
 def read_conversion_info(mcore_dir: Path) -> Dict[str, Any]:
     path = Path(mcore_dir) / CONVERSION_INFO
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a checkpoint written by tools/convert_hf_to_mcore.py?)")
+        raise CheckpointError(f"{path}: missing (not a checkpoint written by megatron-gift-convert-hf-to-mcore?)")
     info = json.loads(path.read_text())
     if info.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {info.get('format_version')} != supported {FORMAT_VERSION}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -110,6 +110,7 @@ def save_training_state(model: List[torch.nn.Module], optimizer, plain: Dict[str
     if overlap:
         raise ValueError(f"checkpoint plain items clash with sharded keys: {sorted(overlap)}")
     state.update(plain)
+    writer_helper_dies_with_parent()
     return dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=_save_strategy(True, pg),
                                    async_sharded_save=async_save)
 
@@ -258,6 +259,25 @@ class AsyncSaver:
 
 class AsyncSaveError(RuntimeError):
     """A background checkpoint writer failed."""
+
+
+def writer_helper_dies_with_parent() -> None:
+    """Start megatron's checkpoint-writer helper (the multiprocessing Manager behind its results queue, a module
+    global it would otherwise start itself, ~270 MiB) with an initializer that kills it when this process dies:
+    after a SIGKILL of the trainer it used to stay alive, with its resource tracker."""
+    import os
+
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing.managers import SyncManager
+
+    from megatron_gift.resilience.parent_death import die_with_parent
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
 
 
 def shutdown_writer_helpers() -> None:

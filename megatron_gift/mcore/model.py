@@ -143,6 +143,25 @@ def _fix_llama3_inv_freq(model: GPTModel, arch: HFArch) -> None:
     )
 
 
+def _skip_init(weight: torch.Tensor) -> None:
+    """An init method that leaves the tensor as allocated (the weights are loaded afterwards)."""
+
+
+def _for_loading(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """`perform_initialization=False` as "weights will be loaded": Megatron still runs its initialisation
+    code with init methods that do nothing, because that code is also what sets the parameter attributes
+    Megatron relies on later (`tensor_model_parallel`, `partition_dim`, `partition_stride` for the grad norm
+    and clipping, TP gathers, the distributed optimizer). megatron-core 0.16.1 sets them only when it
+    initialises: a model built with perform_initialization=False counted TP rank 1's shards out of the
+    grad norm (the first step after a TP=2 resume clipped with 25188893 instead of 29986361). The cost is
+    Megatron's per-weight staging copy of the CPU-initialisation path (none on the GPU path); the random
+    numbers are not drawn, so the RNG streams are untouched."""
+    if overrides.get("perform_initialization", True):
+        return overrides
+    noop = dict(init_method=_skip_init, output_layer_init_method=_skip_init, embedding_init_method=_skip_init)
+    return {**noop, **overrides, "perform_initialization": True}
+
+
 def build_gpt_model(
     hf_config: Any,
     *,
@@ -159,6 +178,8 @@ def build_gpt_model(
     pre_process / post_process default to this rank being the first / last pipeline stage.
     The model's vocabulary is padded to a multiple of `vocab_multiple` (default 128, which any
     power-of-two TP size up to 128 divides, so one checkpoint serves every TP layout).
+    `perform_initialization=False`: the weights are left uninitialised (they are loaded next) and every
+    parameter attribute is the one a fresh build has (see `_for_loading`).
     """
     arch = as_arch(hf_config)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -171,7 +192,7 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    config = transformer_config_from_hf(arch, dtype=dtype, tp=tp, pp=pp, cp=cp, **config_overrides)
+    config = transformer_config_from_hf(arch, dtype=dtype, tp=tp, pp=pp, cp=cp, **_for_loading(config_overrides))
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, use_te),

@@ -98,6 +98,6 @@ def build_stage_model(arch: HFArch, hf_dir: str, mcore_dir: Optional[str], dtype
         finally:
             reader.close()
     else:
-        raise ValueError("TP or PP > 1 loads a converted Megatron checkpoint: run tools/convert_hf_to_mcore.py "
+        raise ValueError("TP or PP > 1 loads a converted Megatron checkpoint: run megatron-gift-convert-hf-to-mcore "
                          f"--hf-dir {hf_dir} --out DIR and set model.mcore_dir: DIR")
     return model.to(device)

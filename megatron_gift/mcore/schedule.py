@@ -1,14 +1,15 @@
 """GIFT / GRPO over Megatron-Core's pipeline schedules: the one place that knows forward_step / loss_func.
 
 Loss-scaling contract (why `calculate_per_token_loss=True` is required on the model config):
-- `loss_func` returns (loss_sum, count, metrics): loss_sum is the SUM of per-sequence loss terms of the
-  microbatch, count the number of sequences it covers (an int tensor, reported by context-parallel
-  rank 0 only, since every CP rank holds the same, CP-reduced loss).
+- `loss_func` returns (loss_sum, count, metrics): loss_sum is the SUM of the loss terms of the
+  microbatch, count how many units it covers: sequences for GIFT and the seq-mean aggregations, response
+  tokens for token-mean (GRPO / DAPO, algo/policy_terms.py). An int tensor, reported by context-parallel
+  rank 0 only, since every CP rank holds the same, CP-reduced loss and count.
 - With calculate_per_token_loss, Megatron's schedule neither divides by the number of microbatches
   nor averages gradients over data-parallel ranks (DDP gradient_scaling_factor = 1); instead
   finalize_model_grads all-reduces the summed counts over the DP x CP group and scales gradients by
-  1 / count. The gradient is therefore d(sum of all sequence terms) / N_total: one division by the
-  number of sequences of the global batch, whatever the microbatch count, DP or CP size.
+  1 / count. The gradient is therefore d(sum of all terms) / N_total: one division by the global number
+  of sequences (or tokens), whatever the microbatch count, DP or CP size.
 - Metrics are (sum, weight) pairs, summed over microbatches and the DP group after the step, then
   broadcast from the last pipeline stage; the division happens once at step end (the only host sync).
 

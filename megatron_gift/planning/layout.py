@@ -118,10 +118,10 @@ def _check_checkpoint(cfg: RunConfig, err, warn) -> None:
     par, m = cfg.parallel, cfg.model
     if par.tp * par.pp > 1 and not m.mcore_dir:
         err(f"model.mcore_dir is empty: TP={par.tp} x PP={par.pp} loads a converted Megatron checkpoint "
-            "(tools/convert_hf_to_mcore.py)")
+            "(megatron-gift-convert-hf-to-mcore)")
     elif m.mcore_dir and not Path(m.mcore_dir).exists():
         warn(f"model.mcore_dir '{m.mcore_dir}' does not exist here (make it on the cluster with "
-             "tools/convert_hf_to_mcore.py)")
+             "megatron-gift-convert-hf-to-mcore)")
     if m.hf_dir and not any(Path(m.hf_dir).glob("*.safetensors")):
         warn(f"model.hf_dir '{m.hf_dir}' holds no weights (*.safetensors): fine for this dry run; the real run "
              "needs --set model.hf_dir=<the checkpoint>")

@@ -32,6 +32,22 @@ REQUEUE_EXIT_CODE = 75
 REQUEUE_FILE = "requeue_request.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+# A stop signal that arrived before any StopRequest existed (start-up: config, warm start, model building,
+# checkpoint loading); `install_early` records it here and every StopRequest sees it.
+_EARLY: Dict[str, Optional[str]] = {"signal": None}
+
+
+def install_early(signals: Sequence[int] = STOP_SIGNALS) -> None:
+    """First thing a training process does: from now on a stop signal is recorded instead of killing it."""
+    for sig in signals:
+        signal.signal(sig, _early_handler)
+
+
+def _early_handler(signum, frame) -> None:
+    if _EARLY["signal"] is None:
+        _EARLY["signal"] = signal.Signals(signum).name
+
+
 # Reasons are ordered: the all-reduce keeps the largest code, a signal wins over the budget.
 _NONE, _BUDGET, _SIGNAL = 0, 1, 2
 _NAMES = {_BUDGET: "wall-clock budget", _SIGNAL: "signal"}
@@ -78,6 +94,8 @@ class StopRequest:
         self.longest_save_s = max(self.longest_save_s, seconds)
 
     def local_code(self) -> int:
+        if self.signal_name is None and _EARLY["signal"] is not None:
+            self.signal_name = _EARLY["signal"]
         if self.signal_name is not None:
             return _SIGNAL
         if self.time_budget_s > 0:

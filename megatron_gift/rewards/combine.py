@@ -98,10 +98,17 @@ class CombinedReward:
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         return self.score(prompts, responses, metadata).total
 
-    def score_records(self, records: Sequence[Any], responses: list[str]) -> RewardResult:
+    def score_records(self, records: Sequence[Any], responses: list[str],
+                      response_lengths: Optional[Sequence[int]] = None) -> RewardResult:
         """score() for prompt records (anything with `.text` and `.reward_metadata()`, e.g. data's
-        PromptRecord), one record per response."""
-        return self.score([r.text for r in records], responses, [r.reward_metadata() for r in records])
+        PromptRecord), one record per response; response_lengths (tokens) go to metadata 'response_tokens'
+        (the `overlong` term reads them)."""
+        metadata = [r.reward_metadata() for r in records]
+        if response_lengths is not None:
+            if len(response_lengths) != len(metadata):
+                raise ValueError(f"rewards: {len(response_lengths)} response lengths for {len(metadata)} responses")
+            metadata = [{**m, "response_tokens": int(n)} for m, n in zip(metadata, response_lengths)]
+        return self.score([r.text for r in records], responses, metadata)
 
     def close(self) -> None:
         """Release what the terms hold (math_verify's worker processes); every term's close() is tried."""

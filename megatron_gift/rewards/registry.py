@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 from megatron_gift.rewards.base import RewardFn
 from megatron_gift.rewards.format_reward import build_format
 from megatron_gift.rewards.math_reward import build_math_verify
+from megatron_gift.rewards.overlong import build_overlong
 from megatron_gift.rewards.reward_model import build_reward_model
 from megatron_gift.rewards.user import build_user_reward
 from megatron_gift.utils.registry import Registry
@@ -20,6 +21,7 @@ _REWARDS: Registry[RewardFactory] = Registry("reward", "rewards", {
     "math_verify": build_math_verify,
     "format": build_format,
     "reward_model": build_reward_model,
+    "overlong": build_overlong,
 }, hint=", or a user function as 'package.module:function'")
 
 

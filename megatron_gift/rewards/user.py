@@ -21,12 +21,35 @@ def _import_module(module_part: str, spec: str):
         name = "megatron_gift_user_reward_" + os.path.splitext(os.path.basename(module_part))[0]
         module_spec = importlib.util.spec_from_file_location(name, module_part)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # SyntaxError, ImportError, anything the module's top level raises
+            raise ValueError(f"user reward {spec!r}: importing {os.path.abspath(module_part)} failed: "
+                             f"{_describe(exc)}") from exc
         return module
     try:
         return importlib.import_module(module_part)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"user reward {spec!r}: cannot import module {module_part!r} ({exc})") from exc
+        if exc.name and module_part.startswith(exc.name):
+            raise ValueError(f"user reward {spec!r}: cannot import module {module_part!r} ({exc})") from exc
+        raise ValueError(f"user reward {spec!r}: importing {_origin(module_part)} failed: {_describe(exc)}") from exc
+    except Exception as exc:
+        raise ValueError(f"user reward {spec!r}: importing {_origin(module_part)} failed: {_describe(exc)}") from exc
+
+
+def _origin(module_part: str) -> str:
+    """The file of a module (for messages), or its dotted name when it cannot be found."""
+    try:
+        found = importlib.util.find_spec(module_part)
+    except Exception:
+        found = None
+    return found.origin if found is not None and found.origin else module_part
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_user_function(spec: str) -> Callable[..., Any]:

@@ -26,7 +26,6 @@ from megatron_gift.mcore.model import recompute_kwargs
 from megatron_gift.mcore.precision import transformer_precision_kwargs
 from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
 from megatron_gift.mcore.training import build_optimizer, wrap_for_training
-from megatron_gift.rewards import build_rewards
 from megatron_gift.rollout.colocated import EnginePlacement
 
 

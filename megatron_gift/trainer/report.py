@@ -18,7 +18,9 @@ class MetricsLog:
     """resume_step None: a fresh run (an existing metrics.jsonl is kept aside as metrics.jsonl.prev-<time>,
     never overwritten). An int: a resumed run; the history is the rows up to that step, taken from
     `history` (the checkpoint's copy) when given, else from the existing file; later rows are dropped
-    (the resumed run recomputes them)."""
+    (the resumed run recomputes them). TensorBoard follows: a fresh run sets an existing event directory aside
+    (tensorboard.prev-<time>, so two runs' streams never mix), a resumed run purges the events after
+    resume_step (SummaryWriter's purge_step: the steps between the checkpoint and a kill are not shown twice)."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, wandb_project: Optional[str] = None,
                  resume_step: Optional[int] = None, history: Optional[str | Path] = None):
@@ -33,7 +35,11 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                tb_dir = Path(run_dir) / "tensorboard"
+                if resume_step is None and tb_dir.is_dir() and any(tb_dir.iterdir()):
+                    tb_dir.replace(tb_dir.with_name(f"tensorboard.prev-{int(time.time())}"))
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(str(tb_dir), purge_step=purge)
             except ImportError:
                 self._tb = None
         if wandb_project:

@@ -1,6 +1,6 @@
 """The GIFT training loop: one method per phase of a step, timed.
 
-Owns the order of a step (DESIGN.md "One training step"): sample prompts -> generate N responses per
+Owns the order of a step (docs/architecture.md "One training step"): sample prompts -> generate N responses per
 prompt -> score -> pack whole groups -> anchor log-probs -> GIFT (or GRPO) forward-backward and optimizer
 step -> push weights to the engines -> log. Every rank samples the same global prompt batch from the same
 sampler state, so the sampler position is identical everywhere. Every rank hosts a colocated vLLM engine
@@ -44,6 +44,7 @@ from megatron_gift.resilience.fault_tolerance import FaultTolerance
 from megatron_gift.resilience.stop import REQUEUE_FILE, StopRequest
 from megatron_gift.rewards import build_rewards
 from megatron_gift.rollout.colocated import RolloutStats, balanced_slice, exchange_groups, sum_over_world
+from megatron_gift.rollout.dynamic_sampling import dynamic_rollout, gather_round
 from megatron_gift.trainer import assembly
 from megatron_gift.trainer.checkpointing import TrainingCheckpointer, fingerprint, layout
 from megatron_gift.trainer.limits import check_trainer_supports
@@ -132,9 +133,11 @@ class Trainer:
         """[start, stop) of the global batch that this rank's data-parallel replica trains on."""
         return balanced_slice(num_prompts, self.rt.dp, self.rt.dp_rank)
 
-    def generate_and_score(self, batch) -> Tuple[List[RolloutGroup], RolloutStats]:
+    def generate_and_score(self, batch, round_index: int = 0,
+                           gather_all: bool = False) -> Tuple[List[RolloutGroup], RolloutStats]:
         """Every engine samples N responses for its slice of the batch, its first rank scores them; then each
-        replica gets the scored groups of its share (group ids are positions in the global batch). Returns
+        replica gets the scored groups of its share (group ids are positions in the global batch), or with
+        gather_all every rank gets all of them (dynamic sampling's refill round `round_index`). Returns
         those groups and the rollout statistics summed over the world."""
         start, stop = self.placement.share(len(batch))
         records = batch[start:stop]
@@ -142,18 +145,22 @@ class Trainer:
         stats = RolloutStats()
         with self.timed("generate"):
             result = self.engine.generate([r.prompt_ids for r in records], self.cfg.trainer.responses_per_prompt,
-                                          self.cfg.rollout.sampling, seed=self._rollout_seed(), first_index=start)
+                                          self.cfg.rollout.sampling, seed=self._rollout_seed(),
+                                          first_index=start + round_index * len(batch))
         if self.placement.is_engine_leader:
             with self.timed("score"):
                 flat = result.flat()
                 texts = [self.tokenizer.decode(ids) for ids in flat.response_token_ids]
-                scored = self.rewards.score_records([records[p] for p in flat.prompt_index], texts)
+                scored = self.rewards.score_records([records[p] for p in flat.prompt_index], texts,
+                                                    [len(ids) for ids in flat.response_token_ids])
                 local = result.to_groups(torch.tensor(scored.total, dtype=torch.float32),
                                          group_ids=[start + p for p in range(len(records))])
                 stats = RolloutStats(samples=float(len(texts)), tokens=float(result.num_response_tokens),
                                      term_sums={k: float(sum(v)) for k, v in scored.terms.items()})
         with self.timed("exchange"):
             reduced = stats.reduced(self.reward_labels, self.rt.device)
+            if gather_all:
+                return gather_round(local, len(batch)), reduced
             return exchange_groups(local, self.replica_share(len(batch)), self.placement, self.rt.dp), reduced
 
     def _rollout_seed(self) -> int:
@@ -202,7 +209,8 @@ class Trainer:
                                       self.cfg.rollout.sampling.max_new_tokens) if records else []
             total = 0.0
             if self.placement.is_engine_leader and records:
-                total = sum(self.rewards.score_records(records, [self.tokenizer.decode(o) for o in outs]).total)
+                total = sum(self.rewards.score_records(records, [self.tokenizer.decode(o) for o in outs],
+                                                       [len(o) for o in outs]).total)
             summed = sum_over_world([total], self.rt.device)[0]
         return {"eval/reward_mean": summed / count}
 
@@ -229,6 +237,7 @@ class Trainer:
         self.stop_reason = self.stop.agree(device=self.rt.device)
         if self.stop_reason is not None or self._save_due():
             self.save_checkpoint()
+            self.stop_reason = self.stop_reason or self.stop.agree(device=self.rt.device)  # a signal during the save
         if self.async_saver is not None:
             self.async_saver.poll(blocking=False)
 
@@ -241,7 +250,12 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         self.timed.reset()
         t0 = time.perf_counter()
-        groups, stats = self.generate_and_score(self.sample_prompts())
+        ds_metrics: Dict[str, float] = {}
+        if self.cfg.trainer.dynamic_sampling.enabled:  # refill zero-variance groups (rollout/dynamic_sampling.py)
+            groups, stats, ds_metrics = dynamic_rollout(self, self.cfg.trainer.dynamic_sampling,
+                                                        self.cfg.trainer.prompts_per_step)
+        else:
+            groups, stats = self.generate_and_score(self.sample_prompts())
         updates = self.cfg.trainer.updates_per_rollout
         per_update, left = divmod(len(groups), updates)
         if left:  # the config checks make this impossible; never drop scored groups silently
@@ -263,6 +277,7 @@ class Trainer:
                 values["loss_scale"] = float(self.optimizer.get_loss_scale())
         self.sync_weights()
         self.step += 1
+        values.update(ds_metrics)
         return self._step_metrics(values, rewards, stats, time.perf_counter() - t0)
 
     def _step_metrics(self, values, rewards, stats: RolloutStats, wall: float) -> Dict[str, float]:
@@ -282,14 +297,16 @@ class Trainer:
         self.say(f"[train] {total} steps, {self.cfg.trainer.prompts_per_step} prompts x "
                  f"{self.cfg.trainer.responses_per_prompt} responses, loss {self.cfg.loss.name}, world {self.rt.world_size}")
         every = self.cfg.trainer.eval_every
-        if self.eval_set is not None and self.step == 0:
+        self.stop.install()
+        self.stop_reason = self.stop.agree(device=self.rt.device)  # a stop during start-up: no step, no save
+        if self.eval_set is not None and self.step == 0 and self.stop_reason is None:
             start = self.evaluate()
             if start:
                 self.say(f"[eval] step 0 greedy reward {start['eval/reward_mean']:.3f}")
                 if self.metrics is not None:
                     self.metrics.log(0, start)
+            self.stop_reason = self.stop.agree(device=self.rt.device)
         self._clear_requeue_file()
-        self.stop.install()
         run_start, clock = self.step, EtaClock(self.step)
         try:
             while self.step < total and self.stop_reason is None:

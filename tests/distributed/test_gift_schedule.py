@@ -3,7 +3,9 @@ microbatch count, single-pass == two-pass, anchor log-probs equal a direct forwa
 
 One single-process run (whole batch in one microbatch) is the reference; each layout loads the same
 weights (helpers of the smoke test), runs `GiftSchedule.forward_backward` for GIFT (both gradient modes)
-and GRPO, and returns the finalised gradients, which are assembled to full tensors and compared.
+and GRPO, and returns the finalised gradients, which are assembled to full tensors and compared. GRPO / DAPO with
+`token-mean` divide by the global number of response tokens: layouts that split tokens unevenly over
+ranks and microbatches must still give the one-process gradient.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ CASES = {  # name -> (loss, options, schedule mode)
     "gift_detached": ("gift", {"grad_mode": "detached"}, "single_pass"),
     "gift_full": ("gift", {"grad_mode": "full", "beta": 0.5}, "single_pass"),
     "gift_two_pass": ("gift", {"grad_mode": "full", "beta": 0.5}, "two_pass"),
-    "grpo": ("grpo", {"clip_low": 0.2, "clip_high": 0.28}, "single_pass"),
+    "grpo": ("grpo", {"clip_low": 0.2, "clip_high": 0.28}, "single_pass"),  # token-mean: global token count
+    "grpo_seq_mean": ("grpo", {"loss_agg_mode": "seq-mean-token-mean"}, "single_pass"),
+    "dapo": ("dapo", {}, "single_pass"),
+    "gspo": ("gspo", {"clip_low": 0.2, "clip_high": 0.28}, "single_pass"),
     "grpo_kl": ("grpo", {"kl_coef": 0.05}, "single_pass"),
 }
 

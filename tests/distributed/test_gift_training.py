@@ -47,7 +47,7 @@ def _train(rank, world_size, groups, steps, loss_options):
 def test_gift_steps_lower_the_loss(mode):
     out = run_distributed(_train, 1, groups=make_groups(n_groups=4, size=4, seed=3), steps=6,
                           loss_options={"grad_mode": mode})[0]
-    # Step 0: policy == reference, so every group's implicit std is 0 (GIFT_SPEC edge case), flagged.
+    # Step 0: policy == reference, so every group's implicit std is 0 (docs/algorithm.md, anchors), flagged.
     assert out["tiny"][0] == 1.0
     assert out["losses"][-1] < 0.7 * out["losses"][0], out["losses"]
     assert out["moved"] > 1e-3

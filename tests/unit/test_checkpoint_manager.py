@@ -64,6 +64,7 @@ def test_auto_falls_back_past_missing_marker_and_truncated_file_and_deletes_noth
     shard.write_bytes(b"x" * 40)  # truncated
     (tmp_path / "step_00000004" / "meta.json").unlink()  # a listed file is gone
     before = sorted(str(p) for p in tmp_path.rglob("*"))
+    logs.clear()
     assert mgr.select("auto") == tmp_path / "step_00000002"
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert len(logs) == 3
@@ -134,3 +135,45 @@ def test_metadata_mismatch_names_the_key_and_both_values(tmp_path):
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+def _flip(path, offset: int) -> None:
+    """Same size, one byte changed (bitwise inverted) at `offset`."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_same_size_damage_is_detected_named_and_skipped(tmp_path, capsys):
+    import random
+
+    from megatron_gift.checkpoint.__main__ import main as ckpt_cli
+
+    messages = []
+    mgr = CheckpointManager(tmp_path, keep_last=3, log=messages.append)
+    save(mgr, 2, bytes(range(256)) * 40)
+    newest = save(mgr, 4, bytes(range(256)) * 40)
+    marker = json.loads((newest / MARKER).read_text())
+    assert marker["checksums"].keys() == marker["files"].keys() and marker["checksum_algorithm"] == "crc32"
+    rng = random.Random(7)
+    victim = newest / rng.choice(sorted(marker["files"]))
+    _flip(victim, rng.randrange(victim.stat().st_size))
+    rel = victim.relative_to(newest).as_posix()
+    assert verify(newest) is None  # sizes alone do not see it
+    assert rel in verify(newest, content=True)
+    assert mgr.select("auto") == tmp_path / "step_00000002"
+    assert any("skipping" in m and rel in m and "content changed" in m for m in messages), messages
+    with pytest.raises(CheckpointError, match=f"is damaged: file {rel}"):
+        mgr.select(str(newest))
+    assert (newest / rel).exists()  # nothing deleted
+    # The verify command reports every damaged file, exit 1; intact checkpoints are OK.
+    _flip(newest / "model" / "shard.distcp" if rel == "meta.json" else newest / "meta.json", 3)
+    assert ckpt_cli(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "step_00000002: OK" in out and out.count("DAMAGED") == 2 and "meta.json" in out and "shard.distcp" in out
+    assert ckpt_cli(["verify", str(tmp_path / "step_00000002")]) == 0
+    # Saving step 4 again (after the fall back) moves the damaged one aside instead of refusing.
+    save(mgr, 4)
+    assert len(list(tmp_path.glob("step_00000004.invalid-*"))) == 1

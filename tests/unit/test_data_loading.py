@@ -220,3 +220,11 @@ def test_bad_chat_messages_name_the_row(tmp_path, tok):
         build_prompt_dataset(PromptDataConfig(path=path), tok)
     ds = build_prompt_dataset(PromptDataConfig(path=path, on_bad_row="skip"), tok)
     assert len(ds) == 1 and ds.stats.bad_rows == {"message": 1, "is_empty": 1}
+
+
+def test_non_utf8_row_names_file_and_line(tmp_path, tok):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r).encode() for r in ROWS[:2]] + ['{"question": "caf\xe9?", "solution": "1"}'.encode("latin-1")]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(PromptDataError, match=f"{path}: line 3: not UTF-8 text"):
+        build_prompt_dataset(config(path, metadata_keys=[]), tok)

@@ -1,4 +1,4 @@
-"""GIFT loss: hand-computed values, GIFT_SPEC invariances, autograd vs analytic coefficients, edge cases."""
+"""GIFT loss: hand-computed values, docs/algorithm.md invariances, autograd vs analytic coefficients, edge cases."""
 import math
 
 import pytest
@@ -11,13 +11,15 @@ from tests.unit.loss_batches import make_batch, select_groups
 MODES = ["detached", "full"]
 
 
-def reference_gift(h, rewards, sizes, beta=1.0, eps=1e-6):
-    """Independent per-group loop in float64: mean over all sequences of (A - beta z)^2."""
+def reference_gift(h, rewards, sizes, beta=1.0, eps=1e-6, singleton="released"):
+    """Independent per-group loop in float64: mean over all sequences of (A - beta z)^2 (singletons: the
+    released code's implicit mean h, detached, or mean 0)."""
     total, start = 0.0, 0
     for n in sizes:
         r, hh = rewards[start:start + n], h[start:start + n]
         if n == 1:
-            a, z = r / (1 + eps), hh / (1 + eps)
+            a = r / (1 + eps)
+            z = (hh - hh.detach()) / (1 + eps) if singleton == "released" else hh / (1 + eps)
         else:
             a = (r - r.mean()) / (r.std(unbiased=True) + eps)
             z = (hh - hh.mean()) / (hh.std(unbiased=True) + eps)
@@ -214,10 +216,30 @@ def test_zero_implicit_std_scales_like_inverse_eps_and_is_flagged():
         assert float(out.metrics["tiny_implicit_std_frac"][0] / out.metrics["tiny_implicit_std_frac"][1]) == 1.0
 
 
-def test_singleton_group_uses_mean_zero_std_one():
+@pytest.mark.parametrize("mode", MODES)
+def test_singleton_group_follows_the_released_code(mode):
+    """Released convention (issue 17): implicit mean h (detached), std 1: z = 0 in value, gradient 1, so the
+    loss is A^2 and dL/dh = -2 beta A / (1 + eps)^2; the coefficients of the two-pass schedule agree."""
+    inputs = inputs_for([0.7, 0.0, 1.0], [1, 2])
+    h = torch.tensor([[0.4], [0.1], [0.3]], dtype=torch.float64, requires_grad=True)
+    loss = GIFTLoss(GIFTConfig(beta=0.5, grad_mode=mode))
+    out = loss(h, inputs)
+    ref = reference_gift(h[:, 0], inputs.rewards, [1, 2], beta=0.5)
+    assert abs(float(out.loss_sum / 3) - float(ref)) < 1e-14
+    assert float(out.loss_sum) == pytest.approx((0.7 / (1 + 1e-6)) ** 2 + 2 * (1 / math.sqrt(2) * (1 - 0.5)) ** 2, rel=1e-5)
+    (grad,) = torch.autograd.grad(out.loss_sum / 3, h)
+    (ref_grad,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(grad[0], ref_grad[0], rtol=1e-10, atol=1e-14)  # the reference loop is `full`
+    if mode == "full":
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert float(grad[0]) == pytest.approx(-2 * 0.5 * 0.7 / (1 + 1e-6) ** 2 / 3, rel=1e-9)
+    torch.testing.assert_close(loss.coefficients(h[:, 0], inputs, 3.0), grad[:, 0], rtol=1e-6, atol=1e-12)
+
+
+def test_singleton_group_zero_mean_option():
     inputs = inputs_for([0.7], [1])
     h = torch.tensor([[0.4]], dtype=torch.float64, requires_grad=True)
-    out = GIFTLoss(GIFTConfig(beta=1.0))(h, inputs)
+    out = GIFTLoss(GIFTConfig(beta=1.0, singleton_implicit="zero_mean"))(h, inputs)
     assert float(out.loss_sum) == pytest.approx(((0.7 - 0.4) / (1 + 1e-6)) ** 2, rel=1e-12)
     out.loss_sum.backward()
     assert float(h.grad) == pytest.approx(-2 * (0.7 - 0.4) / (1 + 1e-6) ** 2, rel=1e-9)

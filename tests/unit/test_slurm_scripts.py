@@ -128,7 +128,7 @@ def test_usr1_to_the_batch_shell_stops_the_workers_and_requeues(tmp_path):
     code, name, _ = _requeue_protocol()
     assert proc.returncode == 0, log[-4000:]
     assert "forwarding SIGUSR1 to the job step" in log and "asking the launcher to stop the workers" in log
-    assert f"asked for a requeue" in log
+    assert "asked for a requeue" in log
     assert "scontrol requeue 4242" in (tmp_path / "shim.log").read_text()
     assert json.loads((save_dir / name).read_text())["reason"] == "SIGTERM"  # the launcher forwards SIGTERM
     for rank in (0, 1):
