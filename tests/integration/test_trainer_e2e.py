@@ -55,6 +55,30 @@ def test_single_process_steps_and_weight_sync(tmp_path, loss):
     assert (tmp_path / "run" / "config.resolved.yaml").is_file()
 
 
+def test_float16_trains_and_resumes_with_its_loss_scale(tmp_path):
+    """precision.dtype float16: the first update (anchor `old`: coefficients ~ 1/eps) is redone at halved
+    loss scales until its gradients fit fp16, the steps train, and a resume continues at the saved scale."""
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.trainer.trainer import Trainer
+
+    def run(steps):
+        overrides = _common(tmp_path / "run", steps=steps) + ["precision.dtype=float16", "trainer.save_every=2"]
+        trainer = Trainer(load_run_config("examples/tiny_cpu.yaml", overrides), log=lambda m: None)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+
+    first = run(2)
+    assert first[0]["fp16_redone_updates"] > 0 and first[0]["loss_scale"] < 1.0, first
+    for row in first:
+        assert row["loss"] == row["loss"] and row["grad_norm"] == row["grad_norm"]  # finite
+        assert row["logprob_mismatch_max"] < 0.05  # fp16 policy vs the float32 engine
+    resumed = run(3)
+    assert len(resumed) == 1 and resumed[0]["loss_scale"] == first[-1]["loss_scale"], (first, resumed)
+    assert resumed[0]["fp16_redone_updates"] == 0
+
+
 @pytest.mark.distributed
 def test_data_parallel_two_ranks_under_torchrun(tmp_path):
     run_dir = tmp_path / "dp2"

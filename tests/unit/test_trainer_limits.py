@@ -34,9 +34,12 @@ def test_trainer_refuses_vpp_before_starting():
         Trainer(cfg)
 
 
-def test_vpp_one_passes_the_trainer_check():
+def test_vpp_one_passes_the_trainer_check_and_optim_precision_follows_precision_dtype():
     from megatron_gift.trainer.limits import check_trainer_supports
     check_trainer_supports(run_config_from_dict({**BASE, "parallel": {"pp": 2, "vpp": 1}}))
+    check_trainer_supports(run_config_from_dict({**BASE, "precision": {"dtype": "float16"}, "optim": {"fp16": True}}))
+    with pytest.raises(ValueError, match=r"optim.fp16=true with precision.dtype=float32: .*precision.dtype=float16"):
+        check_trainer_supports(run_config_from_dict({**BASE, "optim": {"fp16": True}}))
 
 
 def test_fp16_optimizer_settings():
