@@ -112,3 +112,14 @@ def step_line(step: int, total: int, values: Dict[str, float], eta: str) -> str:
     return (f"[train] step {step}/{total} {progress_bar(step, total)} reward {values['reward_mean']:.3f}{ev} "
             f"loss {values.get('loss', float('nan')):.4f} time {values['step_time_s']:.1f}s eta {eta} "
             + " ".join(f"{k[5:-2]}={v:.1f}s" for k, v in values.items() if k.startswith("time/")))
+
+
+# What explains a loss's behaviour across the updates of one rollout batch (GIFT's implicit term is live from
+# the second update on with anchor `old`): logged per update index when trainer.updates_per_rollout > 1.
+PER_UPDATE_KEYS = ("loss", "grad_norm", "rho", "tiny_implicit_std_frac", "abs_residual", "clip_frac")
+
+
+def per_update_metrics(update: int, values: Dict[str, float]) -> Dict[str, float]:
+    """`update{k}/<name>` copies of the per-update diagnostics present in `values` (grad_norm is Megatron's
+    norm before clipping)."""
+    return {f"update{update}/{k}": values[k] for k in PER_UPDATE_KEYS if k in values}

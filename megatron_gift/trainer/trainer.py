@@ -48,7 +48,7 @@ from megatron_gift.rollout.dynamic_sampling import dynamic_rollout, gather_round
 from megatron_gift.trainer import assembly
 from megatron_gift.trainer.checkpointing import TrainingCheckpointer, fingerprint, layout
 from megatron_gift.trainer.limits import check_trainer_supports
-from megatron_gift.trainer.report import EtaClock, MetricsLog, step_line
+from megatron_gift.trainer.report import EtaClock, MetricsLog, per_update_metrics, step_line
 from megatron_gift.trainer.throughput import (fill_rollout_anchor, microbatch_rule, self_anchored, set_engine_asleep,
                                               sleep_note)
 
@@ -277,10 +277,12 @@ class Trainer:
         for mbs in batches:
             self.anchor(mbs)
         values: Dict[str, float] = {}
-        for mbs in batches:
+        for u, mbs in enumerate(batches):
             result, redone = self.train(mbs)
-            values.update(result.values())
+            values.update(result.values())  # the plain keys keep the last update's values
             values["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+            if updates > 1:
+                values.update(per_update_metrics(u, values))
             if self.cfg.optim.fp16:  # an overflow halves the loss scale and the update is redone
                 values["fp16_redone_updates"] = values.get("fp16_redone_updates", 0.0) + redone
                 values["loss_scale"] = float(self.optimizer.get_loss_scale())
