@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_gift.utils.errors import record_internal_error, report_user_error, user_error_types
 
     try:
-        return _train(args)
+        return _train(args, noise)
     except user_error_types() as exc:  # bad input: one line naming the key / file / row, no traceback
         return report_user_error(exc)
     except Exception as exc:  # internal: the traceback follows, and torchrun's summary gets the cause
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, noise) -> int:
     from megatron_gift.config.run import load_run_config
     from megatron_gift.resilience.stop import REQUEUE_EXIT_CODE
     from megatron_gift.trainer.preflight import preflight
