@@ -194,3 +194,19 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(world, case):
     error_lines = [ln for ln in err.splitlines() if ln.startswith("error") or ": error:" in ln]
     assert len(error_lines) == 1, f"{name}: expected one error line:\n{err[-3000:]}"
     assert _digest(world["base"]) == before, f"{name}: files saved before were changed"
+
+
+@pytest.mark.distributed
+def test_under_torchrun_the_cause_is_the_last_thing_printed(tmp_path):
+    """torchrun's closing failure summary (printed after the workers' output) carries the failing rank's line."""
+    from megatron_gift.mcore.testing.harness import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "megatron_gift.train", str(TINY), "--set", f"trainer.run_dir={tmp_path}/run",
+           "--set", "rollout.engine.max_model_lenn=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT), env=env)
+    assert proc.returncode != 0
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip().strip("=")]
+    cause = "): unknown key 'max_model_lenn' in rollout.engine; did you mean 'max_model_len'?"  # either rank
+    assert lines[-1].startswith("traceback : error (rank ") and cause in lines[-1], "\n".join(lines[-20:])
