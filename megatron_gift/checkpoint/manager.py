@@ -8,7 +8,7 @@ Owns the on-disk layout of `save_dir` (what the tensors inside are is mcore/dist
         rng/rank_00000.pt ...     every rank's random generators
         gift_checkpoint.json      metadata: step, model fingerprint, config items that must not change, layout
         metrics.jsonl             the run's metrics history up to this step
-        complete.json             THE completion marker: step + every file's size and CRC-32 (written last, by rank 0)
+        complete.json             THE completion marker: step + every file's size and checksum (written last, by rank 0)
       tmp.step_00000042/          a save in progress (or one killed mid-way): never resumed from
 
 Atomicity: all ranks write into `tmp.step_N`; after a barrier rank 0 lists every file with its size into

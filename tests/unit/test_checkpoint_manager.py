@@ -156,7 +156,7 @@ def test_same_size_damage_is_detected_named_and_skipped(tmp_path, capsys):
     save(mgr, 2, bytes(range(256)) * 40)
     newest = save(mgr, 4, bytes(range(256)) * 40)
     marker = json.loads((newest / MARKER).read_text())
-    assert marker["checksums"].keys() == marker["files"].keys() and marker["checksum_algorithm"] == "crc32"
+    assert marker["checksums"].keys() == marker["files"].keys() and marker["checksum_algorithm"] == "xxh3_64"
     rng = random.Random(7)
     victim = newest / rng.choice(sorted(marker["files"]))
     _flip(victim, rng.randrange(victim.stat().st_size))
