@@ -277,16 +277,6 @@ class CheckpointManager:
                 found.append(Candidate(int(m.group(1)), p))
         return sorted(found, key=lambda c: c.step)
 
-    def newest_complete(self) -> Tuple[Optional[Path], List[str]]:
-        """The newest valid checkpoint (sizes and, in one process, checksums) and why each newer one was skipped."""
-        skipped = []
-        for c in reversed(self.candidates()):
-            reason = verify(c.path, content=True)
-            if reason is None:
-                return c.path, skipped
-            skipped.append(f"{c.path}: {reason}")
-        return None, skipped
-
     def _complete_by_size(self) -> Tuple[List[str], List[str]]:
         """Checkpoints whose marker and file sizes are right (newest first) and why the others were skipped."""
         ok, skipped = [], []
