@@ -308,6 +308,11 @@ class CheckpointManager:
             skipped.append(f"{path}: {_damage_reason(bad)}")
         for line in skipped:
             self.log(f"[checkpoint] skipping {line}")
+        if not error and resume == "auto" and chosen is None and skipped:
+            # Starting from scratch next to checkpoints that are all unusable would silently throw the run away.
+            error = (f"trainer.resume='auto': no intact checkpoint in {self.save_dir} (every one was skipped, see "
+                     "above): repair or move them, resume from one explicitly, or use another trainer.save_dir "
+                     "to start fresh")
         if error:
             raise CheckpointError(error)
         return Path(chosen) if chosen else None
