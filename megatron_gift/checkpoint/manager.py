@@ -8,7 +8,7 @@ Owns the on-disk layout of `save_dir` (what the tensors inside are is mcore/dist
         rng/rank_00000.pt ...     every rank's random generators
         gift_checkpoint.json      metadata: step, model fingerprint, config items that must not change, layout
         metrics.jsonl             the run's metrics history up to this step
-        complete.json             THE completion marker: step + every file's size and CRC-32 (written last, by rank 0)
+        complete.json             THE completion marker: step + every file's size and checksum (written last, by rank 0)
       tmp.step_00000042/          a save in progress (or one killed mid-way): never resumed from
 
 Atomicity: all ranks write into `tmp.step_N`; after a barrier rank 0 lists every file with its size into
@@ -277,16 +277,6 @@ class CheckpointManager:
                 found.append(Candidate(int(m.group(1)), p))
         return sorted(found, key=lambda c: c.step)
 
-    def newest_complete(self) -> Tuple[Optional[Path], List[str]]:
-        """The newest valid checkpoint (sizes and, in one process, checksums) and why each newer one was skipped."""
-        skipped = []
-        for c in reversed(self.candidates()):
-            reason = verify(c.path, content=True)
-            if reason is None:
-                return c.path, skipped
-            skipped.append(f"{c.path}: {reason}")
-        return None, skipped
-
     def _complete_by_size(self) -> Tuple[List[str], List[str]]:
         """Checkpoints whose marker and file sizes are right (newest first) and why the others were skipped."""
         ok, skipped = [], []
@@ -318,6 +308,11 @@ class CheckpointManager:
             skipped.append(f"{path}: {_damage_reason(bad)}")
         for line in skipped:
             self.log(f"[checkpoint] skipping {line}")
+        if not error and resume == "auto" and chosen is None and skipped:
+            # Starting from scratch next to checkpoints that are all unusable would silently throw the run away.
+            error = (f"trainer.resume='auto': no intact checkpoint in {self.save_dir} (every one was skipped, see "
+                     "above): repair or move them, resume from one explicitly, or use another trainer.save_dir "
+                     "to start fresh")
         if error:
             raise CheckpointError(error)
         return Path(chosen) if chosen else None

@@ -156,7 +156,7 @@ def test_same_size_damage_is_detected_named_and_skipped(tmp_path, capsys):
     save(mgr, 2, bytes(range(256)) * 40)
     newest = save(mgr, 4, bytes(range(256)) * 40)
     marker = json.loads((newest / MARKER).read_text())
-    assert marker["checksums"].keys() == marker["files"].keys() and marker["checksum_algorithm"] == "crc32"
+    assert marker["checksums"].keys() == marker["files"].keys() and marker["checksum_algorithm"] == "xxh3_64"
     rng = random.Random(7)
     victim = newest / rng.choice(sorted(marker["files"]))
     _flip(victim, rng.randrange(victim.stat().st_size))
@@ -177,3 +177,11 @@ def test_same_size_damage_is_detected_named_and_skipped(tmp_path, capsys):
     # Saving step 4 again (after the fall back) moves the damaged one aside instead of refusing.
     save(mgr, 4)
     assert len(list(tmp_path.glob("step_00000004.invalid-*"))) == 1
+
+
+def test_auto_refuses_to_start_fresh_when_every_checkpoint_is_unusable(tmp_path):
+    mgr = CheckpointManager(tmp_path, log=lambda m: None)
+    only = save(mgr, 2)
+    (only / "meta.json").write_text("{}")  # another size
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        mgr.select("auto")
