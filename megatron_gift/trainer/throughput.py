@@ -26,12 +26,9 @@ def microbatch_rule(trainer, parallel) -> Dict[str, Any]:
                 pad_to_multiple=multiple)
 
 
-def self_anchored(loss, trainer, anchor_source: str = "policy", model_config=None) -> bool:
-    """True when the anchor pass would recompute the train pass's own log-probs: anchor `old`, one update per
-    rollout, and no dropout (with dropout the train pass's values are not the eval-mode anchor's)."""
-    dropout = max(getattr(model_config, "hidden_dropout", 0.0), getattr(model_config, "attention_dropout", 0.0))
-    return (getattr(loss, "anchor", None) == "old" and trainer.updates_per_rollout == 1 and anchor_source == "policy"
-            and dropout == 0.0)
+def self_anchored(loss, trainer, anchor_source: str = "policy") -> bool:
+    """True when the anchor pass would recompute the train pass's own log-probs (anchor `old`, one update)."""
+    return getattr(loss, "anchor", None) == "old" and trainer.updates_per_rollout == 1 and anchor_source == "policy"
 
 
 def fill_rollout_anchor(mbs) -> None:

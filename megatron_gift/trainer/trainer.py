@@ -221,7 +221,7 @@ class Trainer(TrainerCheckpointing):
             model = [self.reference] if self.loss.anchor == "ref" else self.model
             if self.cfg.loss.anchor_source == "rollout":
                 fill_rollout_anchor(mbs)
-            elif not self_anchored(self.loss, self.cfg.trainer, model_config=self.schedule.config):  # else: from the train pass
+            elif not self_anchored(self.loss, self.cfg.trainer):  # else the train pass provides them (no extra forward)
                 self.schedule.fill_anchor_logprobs(model, mbs)
             if getattr(self.loss, "needs_ref_logprobs", False):
                 for mb, lp in zip(mbs, self.schedule.compute_logprobs([self.reference], mbs)):
@@ -229,7 +229,7 @@ class Trainer(TrainerCheckpointing):
 
     def train(self, mbs):
         with self.timed("train"):
-            anchored = self_anchored(self.loss, self.cfg.trainer, self.cfg.loss.anchor_source, self.schedule.config)
+            anchored = self_anchored(self.loss, self.cfg.trainer, self.cfg.loss.anchor_source)
             result = self.schedule.train_step(mbs, self.optimizer, self_anchor=anchored)
             self.scheduler.step(1)
         return result
