@@ -34,7 +34,7 @@ def long_tailed_groups(n_groups: int, size: int, prompt: int, limit: int, vocab:
     """Groups whose response lengths are log-normal (sigma 1), clipped to [8, limit], mean about limit / 3."""
     from megatron_gift.algo.packing import RolloutGroup
     g = torch.Generator().manual_seed(seed)
-    median = limit / 5.0  # log-normal(sigma=1): mean = median * e^0.5 ~ 1.65 median, minus the clipped tail
+    median = limit / 4.0  # log-normal(sigma=1): mean = median * e^0.5 ~ 1.65 median, minus the clipped tail: ~0.35
     groups = []
     for gid in range(n_groups):
         p = torch.randint(0, vocab, (prompt - int(torch.randint(0, prompt // 4 + 1, (1,), generator=g)),), generator=g)

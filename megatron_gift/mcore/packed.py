@@ -6,7 +6,8 @@ Owns the model-side half of sequence packing:
 - The block-diagonal causal mask (any layer spec that takes a mask, e.g. the local spec on CPU): the
   mask keeps attention inside each sequence, and RoPE is taken at the per-sequence position ids
   (GPTModel's RoPE otherwise uses the row position 0..S-1): `sequence_rope` gathers the rotary table
-  at those positions for the duration of one forward.
+  at those positions for the duration of one forward. The fused causal softmax kernel (GPU, half precision)
+  would ignore the mask: refused with a clear error.
 Context parallelism with packing is refused (the load-balanced CP split assumes one sequence per row).
 """
 from __future__ import annotations
@@ -67,5 +68,16 @@ def forward_packed(model_chunk: torch.nn.Module, tokens, position_ids, layout, c
         if layout.mode != "thd":
             raise ValueError("Transformer Engine attention needs trainer.packing: thd (got 'rows')")
         return model_chunk(tokens, position_ids, None, packed_seq_params=packed_seq_params(layout))
+    _check_mask_is_honoured(model_chunk)
     with sequence_rope(model_chunk, position_ids):
         return model_chunk(tokens, position_ids, block_causal_mask(layout.segment_ids))
+
+
+def _check_mask_is_honoured(model_chunk: torch.nn.Module) -> None:
+    """The local spec's fused causal softmax kernel (GPU, half precision) ignores a given mask: refuse it, since
+    sequences of a row would then attend to each other."""
+    from megatron.core.utils import get_model_config
+    config = get_model_config(model_chunk)
+    if config.masked_softmax_fusion and torch.cuda.is_available() and (config.bf16 or config.fp16):
+        raise ValueError("trainer.packing: rows on the local layer spec needs masked_softmax_fusion off (its fused "
+                         "causal kernel ignores the block mask); use trainer.packing: thd with Transformer Engine")

@@ -189,6 +189,9 @@ class GiftSchedule:
         """
         for chunk in self.model:
             chunk.zero_grad_buffer()
+        if self_anchor and (self.config.hidden_dropout or self.config.attention_dropout):
+            self.fill_anchor_logprobs(self.model, microbatches)  # with dropout the train pass is not the anchor
+            self_anchor = False
         self.self_anchor = self_anchor
         try:
             if self.settings.mode == "two_pass":
@@ -203,7 +206,8 @@ class GiftSchedule:
         """forward_backward then the optimizer step (gradient clipping inside the Megatron optimizer).
 
         self_anchor: the anchor log-probs are the policy's own before this update (anchor `old`, one update per
-        rollout): they are taken, detached, from the train pass itself instead of a separate forward pass.
+        rollout): they are taken, detached, from the train pass itself instead of a separate forward pass (a
+        model with dropout still gets the separate eval-mode pass: its train pass differs from it).
         """
         optimizer.zero_grad()
         metrics = self.forward_backward(microbatches, self_anchor=self_anchor)

@@ -163,3 +163,33 @@ def test_budget_and_packed_at_two_ranks(groups, one_process, sizes):
                               weights=one_process["weights"])
     for layout in ("budget", "rows", "thd"):
         _check_against(results, one_process, layout)
+
+
+def _dropout_forwards(rank: int, world_size: int, groups):
+    """With dropout the self anchor falls back to the eval-mode anchor pass: 2 forwards per microbatch."""
+    import dataclasses
+
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_gift.algo import build_loss
+    from megatron_gift.algo.packing import pack_microbatches
+    from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
+    from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
+
+    model = _build_model(dataclasses.replace(_config(), hidden_dropout=0.1))
+    settings = OptimSettings(lr=1e-3)
+    ddp = wrap_for_training([model], settings)
+    build_optimizer(ddp, settings)
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    schedule = GiftSchedule(ddp, build_loss("gift", {"anchor": "old"}), ScheduleSettings(vocab_size=VOCAB),
+                            ProcessGroupCollection.use_mpu_process_groups())
+    mbs = pack_microbatches(groups, max_tokens=72, pad_to_multiple=4)
+    schedule.forward_backward(mbs, self_anchor=True)
+    return calls[0], len(mbs)
+
+
+@pytest.mark.distributed
+def test_self_anchor_falls_back_to_the_anchor_pass_with_dropout(groups):
+    forwards, n_mb = run_distributed(_dropout_forwards, 1, groups=groups)[0]
+    assert n_mb > 1 and forwards == 2 * n_mb

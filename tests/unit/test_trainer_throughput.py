@@ -97,3 +97,12 @@ def test_rollout_anchor_source_takes_the_engine_log_probs():
         LossConfig(name="gift", options={"anchor": "ref"}, anchor_source="rollout")
     with pytest.raises(ValueError, match="loss.anchor_source must be"):
         LossConfig(anchor_source="engine")
+
+
+def test_packing_with_context_parallelism_is_refused_before_training():
+    from megatron_gift.config.run import run_config_from_dict
+    base = {"model": {"hf_dir": "/x"}, "data": {"path": "/x/train.jsonl"}}
+    cfg = run_config_from_dict({**base, "trainer": {"packing": "rows"}, "parallel": {"cp": 2}})
+    with pytest.raises(ValueError, match="trainer.packing='rows' with parallel.cp=2 is not supported"):
+        cfg.check_world(2)
+    run_config_from_dict({**base, "trainer": {"packing": "rows"}}).check_world(2)  # CP 1: fine
