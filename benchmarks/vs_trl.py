@@ -317,6 +317,12 @@ UNMATCHED = [
 MATCHED = (("trl-transformers", "ours-grpo"), ("trl-colocate", "ours-grpo-bf16"))
 
 
+def _cause(exc: BaseException) -> str:
+    """The exception line of a worker's traceback (what to report for a variant that failed)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -413,16 +419,29 @@ def main(argv=None) -> int:
     spec = {"args": vars(args), "workdir": str(workdir), **assets}
     load_start = os.getloadavg()[0]
     ctx = multiprocessing.get_context("spawn")
-    workers = {}
+    workers, failed = {}, {}
     try:
         for kind in kinds:
-            workers[kind] = Worker(kind, spec, ctx)
+            try:
+                workers[kind] = Worker(kind, spec, ctx)
+            except RuntimeError as exc:  # e.g. a peer variant this CPU cannot run: report it, go on
+                failed[kind] = _cause(exc)
+                print(f"[{kind}] could not start: {failed[kind]} (skipped; the others go on)", flush=True)
+                continue
             print(f"[{kind}] ready in {workers[kind].info['setup_s']:.1f} s (log {workers[kind].log})", flush=True)
-        results = {k: [] for k in kinds}
+        results = {k: [] for k in workers}
         for i in range(args.warmup + args.steps):
-            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]  # rotate who goes first
+            alive = list(workers)
+            order = alive[i % max(len(alive), 1):] + alive[:i % max(len(alive), 1)]  # rotate who goes first
             for kind in order:
-                r = workers[kind].step()
+                try:
+                    r = workers[kind].step()
+                except RuntimeError as exc:
+                    failed[kind] = _cause(exc)
+                    print(f"[step {i + 1}] {kind} failed: {failed[kind]} (dropped; the others go on)", flush=True)
+                    workers.pop(kind).stop()
+                    results.pop(kind)
+                    continue
                 if i >= args.warmup:
                     results[kind].append(r)
                 print(f"[step {i + 1}{' warm-up' if i < args.warmup else ''}] {kind}: {r['step_s']:.2f} s",
@@ -430,7 +449,15 @@ def main(argv=None) -> int:
     finally:
         for w in workers.values():
             w.stop()
+    if not results:
+        print("error: no variant could run: " + "; ".join(f"{k}: {v}" for k, v in failed.items()), file=sys.stderr)
+        return 1
     figures = report(results, workers, args, assets)
+    figures["failed"] = failed
+    if failed:
+        print("\n=== variants that could not run on this CPU (reported, not fatal) ===")
+        for kind, cause in failed.items():
+            print(f"  - {kind}: {cause}")
     figures["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     print(f"\nhost load average (1 min): {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end "
           f"({os.cpu_count()} CPUs); other processes' load makes every variant slower, interleaving spreads it")
