@@ -188,12 +188,17 @@ def _checkpoint_under_mode(function: Any, distribute_saved_activations: bool, *a
 @dataclass(frozen=True)
 class Patch:
     """Replace `module.attr` by `replacement` while the layer is active; `reason` names the
-    Megatron-Core code it answers (file:function). Skipped when `module.attr` does not exist."""
+    Megatron-Core code it answers (file:function). Skipped when `module.attr` does not exist, unless
+    `create` (a global the module reads but never defines without Transformer Engine: set, then deleted)."""
 
     module: str
     attr: str
     replacement: Any
     reason: str
+    create: bool = False
+
+
+_MISSING = object()  # original value of a created attribute: deleted again on release
 
 
 _RNG = "megatron.core.tensor_parallel.random"
@@ -234,6 +239,10 @@ PATCHES: Tuple[Patch, ...] = (
     Patch(_RNG, "_set_cuda_rng_state", _cpu_set_rng_state,
           "tensor_parallel/random.py _set_cuda_rng_state, used by fork / CheckpointFunction "
           "(torch.cuda._lazy_call: silently never runs without CUDA)"),
+    Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
+          "transformer/moe/moe_utils.py RouterGatingLinearFunction.forward/backward read the module global "
+          "te_general_gemm, which is imported only with Transformer Engine (NameError in every MoE router)",
+          create=True),
 )
 
 MODE_REASON = (
@@ -322,9 +331,9 @@ def _install() -> None:
             module = importlib.import_module(patch.module)
         except ImportError:
             continue
-        if not hasattr(module, patch.attr):
+        if not hasattr(module, patch.attr) and not patch.create:
             continue
-        _State.originals.append((module, patch.attr, getattr(module, patch.attr)))
+        _State.originals.append((module, patch.attr, getattr(module, patch.attr, _MISSING)))
         setattr(module, patch.attr, patch.replacement)
         applied.append(patch)
     _State.applied = tuple(applied)
@@ -343,7 +352,10 @@ def _release() -> None:
             _State.mode.__exit__(None, None, None)
             _State.mode = None
         for module, attr, original in reversed(_State.originals):
-            setattr(module, attr, original)
+            if original is _MISSING:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, original)
         _State.originals = []
         _State.applied = ()
         logging.getLogger(_RNG).removeFilter(_State.log_filter)
