@@ -179,6 +179,10 @@ def _parse_moe(d: dict, model_type: str, where: str) -> Optional[MoESpec]:
     num_experts, top_k = int(_require(d, experts_key, where)), int(_require(d, "num_experts_per_tok", where))
     if not 0 < top_k <= num_experts:
         raise UnsupportedConfigError(f"{where}: num_experts_per_tok={top_k} must be in 1..{experts_key}={num_experts}")
+    if top_k == 1 and norm_topk:
+        # The renormalised top-1 weight is always 1; Megatron refuses top-1 without pre-softmax routing.
+        raise UnsupportedConfigError(f"{where}: num_experts_per_tok=1 with renormalised top-k weights "
+                                     "(norm_topk_prob / Mixtral) is not supported")
     if not any(pattern):
         raise UnsupportedConfigError(f"{where}: no layer is a mixture-of-experts layer (mlp_only_layers / "
                                      "decoder_sparse_step); convert it as a dense model")

@@ -249,11 +249,14 @@ def _gather_tp(name: str, p: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_model_as_hf(model: torch.nn.Module, arch: HFArch,
+                     value: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None,
+                     ) -> Iterator[Tuple[str, torch.Tensor]]:
     """This pipeline stage's parameters as (hf_name, full tensor), gathered over TP, global layer numbers.
 
     Every TP rank of the stage must iterate it to the end (it all-gathers); all of them get the tensors.
     MoE expert weights are gathered over expert TP and EP (all ranks of those groups get every expert).
+    `value(param)` streams another per-parameter tensor of the same layout instead (e.g. its main_grad).
     The model must be the bare GPTModel (unwrap DDP / Float16Module first). This is the Megatron side
     of the rollout weight sync; names come from checkpoint/mapping.py.
     """
@@ -264,6 +267,7 @@ def iter_model_as_hf(model: torch.nn.Module, arch: HFArch) -> Iterator[Tuple[str
 
     def gathered():
         for n, p in model.named_parameters():
+            p = p if value is None else value(p)
             if arch.moe is not None and is_expert_param(n):  # over ETP and EP, global expert numbers
                 yield from gather_expert(n, p, arch.moe.num_experts)
             else:

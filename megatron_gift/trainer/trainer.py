@@ -30,6 +30,7 @@ from megatron_gift.algo import build_loss, check_loss_inputs
 from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
 from megatron_gift.checkpoint import manager as ckpt_files
 from megatron_gift.hf.arch import load_hf_arch
+from megatron_gift.config.moe import check_moe_settings, moe_overrides
 from megatron_gift.config.schema import write_resolved
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
 from megatron_gift.resilience.fault_tolerance import FaultTolerance
@@ -66,7 +67,8 @@ class Trainer(TrainerCheckpointing):
         self.cfg, self.log_fn = cfg, log
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)
-        self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed)
+        self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed,
+                               ep=cfg.parallel.ep, etp=cfg.parallel.etp)
         cfg.check_world(self.rt.world_size)
         self.placement = engine_placement(cfg, self.rt.rank, self.rt.world_size)
         check_fp8_supported(cfg.precision)
@@ -118,7 +120,9 @@ class Trainer(TrainerCheckpointing):
             dist.barrier()
             if self.rt.rank != 0:
                 point_at_demo_inputs(cfg, str(self.run_dir))
-        if self.resume_from is None and not cfg.model.mcore_dir and cfg.parallel.tp * cfg.parallel.pp > 1:
+        p = cfg.parallel
+        check_moe_settings(load_hf_arch(Path(cfg.model.hf_dir) / "config.json"), cfg.model, p)  # before converting
+        if self.resume_from is None and not cfg.model.mcore_dir and p.tp * p.pp * p.ep * p.etp > 1:
             out = self.run_dir / "mcore_from_hf"
             if self.rt.rank == 0:
                 convert_for_model_parallel(cfg.model.hf_dir, out, cfg.precision.dtype, cfg.model.vocab_multiple,
@@ -134,6 +138,7 @@ class Trainer(TrainerCheckpointing):
         if cfg.parallel.sequence_parallel:
             extra["sequence_parallel"] = True
         extra.update(recompute_kwargs(cfg.parallel.recompute))
+        extra.update(moe_overrides(self.arch, cfg.model))
         if self.resume_from is None:
             policy = rt_mod.build_stage_model(**kwargs, **extra)
         else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)

@@ -65,6 +65,7 @@ def _moe(**kw):
     (_moe(shared_expert_intermediate_size=64), "shared_expert_intermediate_size=64: shared experts"),
     ({**CONFIGS["mixtral_tied"].to_dict(), "router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     (_moe(num_experts_per_tok=5), "num_experts_per_tok=5"),
+    (_moe(num_experts_per_tok=1, norm_topk_prob=True), "num_experts_per_tok=1 with renormalised"),
     (_moe(mlp_only_layers=[0, 1]), "no layer is a mixture-of-experts layer"),
     ({**CONFIGS["qwen3_moe_mixed_untied"].to_dict(), "model_type": "qwen3"}, "num_experts > 0 in a qwen3 config"),
 ])
