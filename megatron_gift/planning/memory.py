@@ -151,15 +151,21 @@ def logits_bytes(plan: TrainPlan) -> float:
 
 def estimate_stage(plan: TrainPlan, stage: int) -> StageEstimate:
     """Training-side items on one GPU of pipeline stage `stage`."""
-    params = stage_params(plan.arch, plan.tp, plan.pp, stage, plan.vocab_multiple, plan.ep, plan.etp).total
+    sp = stage_params(plan.arch, plan.tp, plan.pp, stage, plan.vocab_multiple, plan.ep, plan.etp)
+    params = sp.total
     d = plan.dtype_bytes
     opt_per_param = 12 if d < 4 else 8
     shards = plan.dp * plan.cp if plan.distributed_optimizer else 1
+    # Expert state is sharded over the expert data-parallel group: world / (ep * etp * pp) = tp*cp*dp / (ep*etp).
+    expert_shards = plan.tp * plan.cp * plan.dp // (plan.ep * plan.etp) if plan.distributed_optimizer else 1
     est = StageEstimate(stage)
     est.items.append(Item("weights", d * params, f"{params / 1e9:.3f}B params x {d} B"))
     est.items.append(Item("main grads (fp32)", 4.0 * params, "4 B/param"))
-    est.items.append(Item("optimizer state", opt_per_param * params / shards,
-                          f"{opt_per_param} B/param / {shards}" + (" (distributed)" if shards > 1 else "")))
+    optimizer = opt_per_param * ((params - sp.experts) / shards + sp.experts / expert_shards)
+    formula = f"{opt_per_param} B/param / {shards}" + (" (distributed)" if shards > 1 else "")
+    if sp.experts:
+        formula += f", experts ({sp.experts / 1e9:.3f}B) / {expert_shards}"
+    est.items.append(Item("optimizer state", optimizer, formula))
     if plan.reference_copy:
         est.items.append(Item("reference model", d * params, "frozen copy of the stage"))
     act, where = activation_bytes(plan, stage)

@@ -20,6 +20,7 @@ class StageParams:
     decoder: int
     embedding: int
     output: int
+    experts: int = 0  # the routed experts' part of `decoder` (sharded over the expert data-parallel group)
 
     @property
     def total(self) -> int:
@@ -74,5 +75,10 @@ def stage_params(arch: HFArch, tp: int, pp: int, stage: int, vocab_multiple: int
         output = arch.hidden_size  # final norm
         if not arch.tie_embeddings or pp > 1:
             output += vocab_shard
-    decoder = sum(layer_params(arch, tp, ep, etp, i) for i in range(stage * layers, (stage + 1) * layers))
-    return StageParams(layers=layers, decoder=decoder, embedding=embedding, output=output)
+    stage_layers = range(stage * layers, (stage + 1) * layers)
+    decoder = sum(layer_params(arch, tp, ep, etp, i) for i in stage_layers)
+    experts = 0
+    if arch.moe is not None:
+        per_layer = (arch.moe.num_experts // ep) * 3 * arch.hidden_size * arch.moe.ffn_hidden_size // etp
+        experts = per_layer * sum(arch.moe.is_moe_layer(i) for i in stage_layers)
+    return StageParams(layers=layers, decoder=decoder, embedding=embedding, output=output, experts=experts)
