@@ -14,8 +14,7 @@ from megatron_gift.hf.arch import HFArch
 def check_moe_settings(arch: HFArch, model_cfg: Any, parallel: Any) -> None:
     """Raise ValueError naming the key when the run's expert settings do not fit the model."""
     moe_keys = {"parallel.ep": parallel.ep != 1, "parallel.etp": parallel.etp != 1,
-                "model.moe_load_balancing": model_cfg.moe_load_balancing != "none",
-                "model.moe_aux_loss_coeff": model_cfg.moe_aux_loss_coeff is not None}
+                "model.moe_router_dtype": model_cfg.moe_router_dtype != "fp32"}
     if arch.moe is None:
         used = [k for k, on in moe_keys.items() if on]
         if used:
@@ -32,8 +31,5 @@ def moe_overrides(arch: HFArch, model_cfg: Any) -> Dict[str, Any]:
     """TransformerConfig overrides from model.moe_* (empty for a dense model)."""
     if arch.moe is None:
         return {}
-    out: Dict[str, Any] = {"moe_router_load_balancing_type": model_cfg.moe_load_balancing,
-                           "moe_router_dtype": model_cfg.moe_router_dtype}
-    if model_cfg.moe_aux_loss_coeff is not None:
-        out["moe_aux_loss_coeff"] = model_cfg.moe_aux_loss_coeff
-    return out
+    return {"moe_router_load_balancing_type": model_cfg.moe_load_balancing,
+            "moe_router_dtype": model_cfg.moe_router_dtype}

@@ -69,7 +69,8 @@ def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, on_cpu: bool, use_te:
     Routing reproduces HF: softmax over the logits' top-k (= renormalised top-k probabilities, Mixtral and
     Qwen3-MoE with norm_topk_prob) or top-k of the full softmax (norm_topk_prob false: moe_router_pre_softmax).
     RL defaults as the peers use them: router in fp32, load-balancing loss off (`none`; an override of
-    moe_router_load_balancing_type turns it on with the HF config's router_aux_loss_coef), no expert bias.
+    moe_router_load_balancing_type turns it on with the HF config's router_aux_loss_coef; the run config refuses that,
+    see config/run.py ModelConfig), no expert bias.
     Token dispatch: allgather on CPU (gloo's all_to_all refuses the uneven splits alltoall needs), alltoall on GPU.
     """
     moe = arch.moe

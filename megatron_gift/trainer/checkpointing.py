@@ -31,13 +31,18 @@ class TrainerCheckpointing:
                                             "num_kv_heads", "head_dim", "vocab_size", "tie_embeddings", "qkv_bias",
                                             "qk_norm")}
         model["padded_vocab_size"] = a.padded_vocab_size(cfg.model.vocab_multiple)
+        if a.moe is not None:  # routed experts (dense models' fingerprints stay as they were)
+            model["moe"] = {"num_experts": a.moe.num_experts, "top_k": a.moe.top_k,
+                            "ffn_hidden_size": a.moe.ffn_hidden_size, "layer_pattern": list(a.moe.layer_pattern)}
         return {"model": model, "precision": {"dtype": cfg.precision.dtype},
                 "loss": {"name": cfg.loss.name, "anchor": getattr(self.loss, "anchor", None)},
                 "optim": {"use_distributed_optimizer": cfg.parallel.use_distributed_optimizer}}
 
     def _layout(self) -> Dict[str, object]:
         p = self.cfg.parallel
-        return {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": self.rt.dp}
+        layout = {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": self.rt.dp}
+        layout.update({k: v for k, v in (("ep", p.ep), ("etp", p.etp)) if v != 1})  # MoE layouts only
+        return layout
 
     def save_checkpoint(self) -> None:
         """All ranks: write this step's checkpoint into a tmp dir; committed (marker + rename) when complete."""

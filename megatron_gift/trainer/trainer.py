@@ -258,8 +258,9 @@ class Trainer(TrainerCheckpointing):
 
         A sanity check of the weight sync (DESIGN contract); single-stage, single-TP layouts only.
         """
-        if self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp != 1:
-            raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=1)")
+        p = self.cfg.parallel
+        if p.tp * p.pp * p.cp * p.ep * p.etp != 1:
+            raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=ep=etp=1)")
         prompts = [self.dataset[i].prompt_ids for i in range(min(num_prompts, len(self.dataset)))]
         engine_out = self.engine.greedy(prompts, max_new_tokens)
         model = unwrap_model(self.model[0]).eval()

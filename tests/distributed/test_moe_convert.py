@@ -39,7 +39,7 @@ def converted(tmp_path_factory):
     return out
 
 
-def _logits_and_export(rank: int, world_size: int, cases: dict):
+def _logits_and_export(rank: int, world_size: int, cases: dict, overrides: dict):
     from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.convert import iter_model_as_hf, load_mcore_checkpoint
     from megatron_gift.mcore.model import build_gpt_model
@@ -48,7 +48,7 @@ def _logits_and_export(rank: int, world_size: int, cases: dict):
     diffs, exported = {}, {}
     for name, (mcore_dir, ids, ref) in cases.items():
         arch = load_hf_arch(Path(mcore_dir))
-        model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False).eval()
+        model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False, **overrides).eval()
         load_mcore_checkpoint(model, Path(mcore_dir))
         logits = full_logits(model, ids, arch.hidden_size)
         if logits is not None:
@@ -57,9 +57,11 @@ def _logits_and_export(rank: int, world_size: int, cases: dict):
     return diffs, exported
 
 
-LAYOUTS = {  # id -> (world, tp, pp, ep, etp)
+LAYOUTS = {  # id -> (world, tp, pp, ep, etp[, TransformerConfig overrides])
     "ep1": (1, 1, 1, 1, 1),
     "ep2": (2, 1, 1, 2, 1),
+    # The GPU default dispatcher: Megatron's all_to_all_single with uneven splits also runs on gloo.
+    "ep2_alltoall": (2, 1, 1, 2, 1, {"moe_token_dispatcher_type": "alltoall"}),
     "pp2": (2, 1, 2, 1, 1),
     "tp2_etp2": (2, 2, 1, 1, 2),
     "tp2_ep2": (4, 2, 1, 2, 1),
@@ -68,9 +70,9 @@ LAYOUTS = {  # id -> (world, tp, pp, ep, etp)
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_moe_logits_and_export_under_layout(converted, layout):
-    world, tp, pp, ep, etp = LAYOUTS[layout]
+    world, tp, pp, ep, etp, *overrides = LAYOUTS[layout]
     results = run_distributed(_logits_and_export, world_size=world, tp=tp, pp=pp, ep=ep, etp=etp, timeout=300,
-                              cases=converted)
+                              cases=converted, overrides=overrides[0] if overrides else {})
     diffs = results[-1][0]  # the last rank is on the last pipeline stage
     assert set(diffs) == set(converted)
     for name, original in ORIGINALS.items():

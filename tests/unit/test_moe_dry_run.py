@@ -62,8 +62,10 @@ def test_bad_moe_layouts_name_the_key(overrides, pattern):
 
 
 def test_bad_moe_model_keys_are_refused_on_load():
-    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'z_loss'"):
+    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'z_loss'; only 'none'"):
         load_run_config(RECIPE, ["model.moe_load_balancing=z_loss"])
+    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'aux_loss'; only 'none' .*per token"):
+        load_run_config(RECIPE, ["model.moe_load_balancing=aux_loss"])
     with pytest.raises(ValueError, match=r"model.moe_router_dtype is 'bf16'"):
         load_run_config(RECIPE, ["model.moe_router_dtype=bf16"])
 
