@@ -106,6 +106,14 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """moe_utils.maybe_move_tensor_to_cpu for CPU tensors: the numpy conversion it does only for CUDA tensors
+    (all_to_all_single's split sizes must be a list or array, not a tensor)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
 # ----------------------------------------------------------------------------- device mapping mode
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
@@ -243,6 +251,9 @@ PATCHES: Tuple[Patch, ...] = (
           "transformer/moe/moe_utils.py RouterGatingLinearFunction.forward/backward read the module global "
           "te_general_gemm, which is imported only with Transformer Engine (NameError in every MoE router)",
           create=True),
+    Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
+          "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: split sizes "
+          "become numpy arrays only when they were CUDA tensors; CPU tensors reach all_to_all_single (TypeError)"),
 )
 
 MODE_REASON = (

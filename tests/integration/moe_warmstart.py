@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 
-def make_moe_warmstart(cfg, out: Path, steps: int = 150) -> Path:
+def make_moe_warmstart(cfg, out: Path, steps: int = 100) -> Path:
     """cfg: a RunConfig whose data (and eval_data) point at the task; writes an HF dir with its tokenizer."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
