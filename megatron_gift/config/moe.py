@@ -21,6 +21,10 @@ def check_moe_settings(arch: HFArch, model_cfg: Any, parallel: Any) -> None:
             raise ValueError(f"{', '.join(used)}: set for a dense model ({arch.model_type}); expert settings need a "
                              "mixture-of-experts model (qwen3_moe, mixtral)")
         return
+    if parallel.tp > 1 and parallel.ep > 1 and not parallel.sequence_parallel:
+        # megatron-core refuses to train an MoE model with TP and EP but without sequence parallelism.
+        raise ValueError(f"parallel.sequence_parallel: must be true with parallel.tp={parallel.tp} and "
+                         f"parallel.ep={parallel.ep} (Megatron's MoE training needs it)")
     if arch.moe.num_experts % parallel.ep:
         raise ValueError(f"parallel.ep={parallel.ep} does not divide the model's {arch.moe.num_experts} experts")
     if parallel.etp > 1 and arch.moe.ffn_hidden_size % parallel.etp:

@@ -71,7 +71,9 @@ def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, on_cpu: bool, use_te:
     RL defaults as the peers use them: router in fp32, load-balancing loss off (`none`; an override of
     moe_router_load_balancing_type turns it on with the HF config's router_aux_loss_coef; the run config refuses that,
     see config/run.py ModelConfig), no expert bias.
-    Token dispatch: allgather on CPU (gloo's all_to_all refuses the uneven splits alltoall needs), alltoall on GPU.
+    Token dispatch: allgather on CPU, alltoall on GPU (alltoall also runs on gloo, with cpu_compat's split-size
+    patch: tests/distributed/test_moe_convert.py ep2_alltoall; allgather stays the CPU default, the tested one
+    for training).
     """
     moe = arch.moe
     if moe is None:
