@@ -1,5 +1,5 @@
 """GIFT gradients of a mixture-of-experts model (tiny Qwen3-MoE and Mixtral, converted from transformers) at
-EP=2, TP=2 x EP=2 and PP=2 equal the one-process run; a routing change (top-1 instead of top-2) does not.
+EP=2 and PP=2 equal the one-process run; a routing change (top-1 instead of top-2) does not.
 
 Each layout loads the same converted checkpoint, runs one `GiftSchedule.forward_backward` (GIFT, detached,
 2 microbatches per data-parallel rank) through Megatron's DDP (expert gradients reduced over the expert
@@ -89,8 +89,9 @@ def reference(mcore_dirs):
     return groups, one, top1
 
 
-# world, tp, pp, ep, overrides (Megatron refuses MoE training with TP and EP but without sequence parallelism)
-LAYOUTS = {"ep2": (2, 1, 1, 2, {}), "pp2": (2, 1, 2, 1, {}), "tp2_ep2_sp": (4, 2, 1, 2, {"sequence_parallel": True})}
+# world, tp, pp, ep, overrides. TP x EP is not here: Megatron refuses MoE training with TP and EP but without
+# sequence parallelism, and the local spec's torch norms refuse sequence parallelism (CPU cannot run it).
+LAYOUTS = {"ep2": (2, 1, 1, 2, {}), "pp2": (2, 1, 2, 1, {})}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
