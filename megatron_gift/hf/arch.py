@@ -1,6 +1,7 @@
 """Parse and validate a Hugging Face decoder config into the few numbers the Megatron side needs.
 
-Owns: the list of supported families (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3), the checks that refuse
+Owns: the list of supported families (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, and the mixture-of-experts
+families Qwen3-MoE and Mixtral, whose routing is read into MoESpec), the checks that refuse
 configs this project cannot reproduce exactly (sliding-window attention in use, unknown RoPE scaling,
 biases Megatron's dense layer has no slot for, non-SiLU activations), and vocabulary padding.
 Does not own: Megatron's TransformerConfig (mcore/model.py) or tensor names (checkpoint/mapping.py).
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Tuple
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # A multiple of 128 is divisible by every power-of-two TP size up to 128, so one padded vocabulary
 # serves every TP layout and the converted checkpoint loads under any TP without re-padding.
@@ -35,6 +37,21 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Routed experts of a mixture-of-experts decoder (no shared experts; softmax top-k routing)."""
+
+    num_experts: int
+    top_k: int
+    ffn_hidden_size: int  # per expert
+    norm_topk_prob: bool  # renormalise the top-k probabilities (Mixtral always does)
+    layer_pattern: Tuple[int, ...]  # per layer: 1 = MoE block, 0 = dense MLP (intermediate_size)
+    aux_loss_coef: float  # the HF config's router_aux_loss_coef (used only if the run enables the loss)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.layer_pattern[i])
+
+
+@dataclass(frozen=True)
 class HFArch:
     """The architecture of one supported HF decoder, as the converters and the model builder need it."""
 
@@ -52,6 +69,7 @@ class HFArch:
     qkv_bias: bool
     qk_norm: bool
     rope: RopeSpec
+    moe: Optional[MoESpec] = None
 
     @property
     def heads_per_group(self) -> int:
@@ -106,7 +124,7 @@ def _parse_rope(d: dict, where: str) -> RopeSpec:
 def _check_sliding_window(d: dict, model_type: str, where: str) -> None:
     window = d.get("sliding_window")
     max_pos = int(d.get("max_position_embeddings") or 0)
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         if window is not None and int(window) < max_pos:
             raise UnsupportedConfigError(
                 f"{where}: sliding_window={window} < max_position_embeddings={max_pos} (sliding-window attention "
@@ -132,8 +150,45 @@ def _check_unsupported_fields(d: dict, model_type: str, where: str) -> None:
         raise UnsupportedConfigError(f"{where}: attention_bias=true is not supported for {model_type}")
     if d.get("mlp_bias"):
         raise UnsupportedConfigError(f"{where}: mlp_bias=true is not supported")
-    if int(d.get("num_experts", 0) or 0) > 0:
-        raise UnsupportedConfigError(f"{where}: mixture-of-experts configs are not supported")
+    if model_type not in MOE_MODEL_TYPES and int(d.get("num_experts", 0) or d.get("num_local_experts", 0) or 0) > 0:
+        raise UnsupportedConfigError(f"{where}: num_experts > 0 in a {model_type} config; mixture-of-experts "
+                                     f"models are supported as model_type {' or '.join(MOE_MODEL_TYPES)}")
+
+
+def _parse_moe(d: dict, model_type: str, where: str) -> Optional[MoESpec]:
+    """Routed-expert settings of qwen3_moe / mixtral; features without an exact Megatron equivalent refused."""
+    if model_type not in MOE_MODEL_TYPES:
+        return None
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if d.get(key):
+            raise UnsupportedConfigError(f"{where}: {key}={d[key]}: shared experts are not supported")
+    if float(d.get("router_jitter_noise") or 0.0) > 0:
+        raise UnsupportedConfigError(f"{where}: router_jitter_noise={d['router_jitter_noise']} is not supported "
+                                     "(random routing noise in training; set it to 0)")
+    layers = int(_require(d, "num_hidden_layers", where))
+    if model_type == "mixtral":
+        ffn_key, norm_topk, pattern = "intermediate_size", True, [1] * layers
+    else:
+        ffn_key = "moe_intermediate_size"
+        norm_topk = bool(d.get("norm_topk_prob", False))
+        step = int(d.get("decoder_sparse_step") or 1)
+        dense = set(d.get("mlp_only_layers") or [])
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    # transformers 5 writes num_local_experts for both families; 4.x wrote num_experts for qwen3_moe.
+    experts_key = "num_local_experts" if d.get("num_local_experts") is not None else "num_experts"
+    num_experts, top_k = int(_require(d, experts_key, where)), int(_require(d, "num_experts_per_tok", where))
+    if not 0 < top_k <= num_experts:
+        raise UnsupportedConfigError(f"{where}: num_experts_per_tok={top_k} must be in 1..{experts_key}={num_experts}")
+    if top_k == 1 and norm_topk:
+        # The renormalised top-1 weight is always 1; Megatron refuses top-1 without pre-softmax routing.
+        raise UnsupportedConfigError(f"{where}: num_experts_per_tok=1 with renormalised top-k weights "
+                                     "(norm_topk_prob / Mixtral) is not supported")
+    if not any(pattern):
+        raise UnsupportedConfigError(f"{where}: no layer is a mixture-of-experts layer (mlp_only_layers / "
+                                     "decoder_sparse_step); convert it as a dense model")
+    return MoESpec(num_experts=num_experts, top_k=top_k, ffn_hidden_size=int(_require(d, ffn_key, where)),
+                   norm_topk_prob=norm_topk, layer_pattern=tuple(pattern),
+                   aux_loss_coef=float(d.get("router_aux_loss_coef") or 0.0))
 
 
 def parse_hf_config(cfg: Any, where: str = "config.json") -> HFArch:
@@ -153,11 +208,12 @@ def parse_hf_config(cfg: Any, where: str = "config.json") -> HFArch:
     if heads % kv_heads:
         raise UnsupportedConfigError(f"{where}: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
     head_dim = int(d.get("head_dim") or hidden // heads)
+    moe = _parse_moe(d, model_type, where)
     return HFArch(
         model_type=model_type,
         num_layers=int(_require(d, "num_hidden_layers", where)),
         hidden_size=hidden,
-        ffn_hidden_size=int(_require(d, "intermediate_size", where)),
+        ffn_hidden_size=int(_require(d, "intermediate_size", where)),  # dense layers' MLP (MoE: unused if all sparse)
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -166,8 +222,9 @@ def parse_hf_config(cfg: Any, where: str = "config.json") -> HFArch:
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rope=_parse_rope(d, where),
+        moe=moe,
     )
 
 

@@ -6,7 +6,11 @@ parameter and the transform between them, in both directions:
     k_g (d rows), v_g (d rows)], so a TP split along dim 0 keeps whole groups on one rank;
   - fused gate/up: linear_fc1 = cat[gate_proj, up_proj] (dim 0);
   - vocabulary padding: embedding / output rows padded with zeros on import, stripped on export;
-  - tied embeddings: no output_layer / lm_head tensor.
+  - tied embeddings: no output_layer / lm_head tensor;
+  - mixture of experts (Qwen3-MoE, Mixtral): router = the HF gate; expert j's linear_fc1 = cat[gate, up]
+    (Mixtral: w1, w3), linear_fc2 = down (w2); names use global expert numbers (the EP gather in
+    mcore/experts.py turns a rank's local numbers into global ones). In MoE layers the pre-MLP norm is
+    not fused in either spec (Megatron's MoE layer has a separate pre_mlp_layernorm).
 Names are full-model (unsharded) names with global layer numbers, in two spellings: the local layer spec
 (`decoder.layers.0.input_layernorm.weight`) and the Transformer Engine spec, which fuses the norms into
 the following linear (`decoder.layers.0.self_attention.linear_qkv.layer_norm_weight`). Export accepts
@@ -35,7 +39,39 @@ class Entry:
     mcore: str
     te: str
     hf: Tuple[str, ...]
-    kind: str  # "copy" | "qkv" | "qkv_bias" | "gate_up" | "vocab"
+    kind: str  # "copy" | "router" | "qkv" | "qkv_bias" | "gate_up" | "vocab"
+    ffn: int = 0  # MLP width of a gate_up / down entry when it is not arch.ffn_hidden_size (an expert's)
+
+
+# HF names of the MoE block: family -> (block, router, gate, up, down)
+_MOE_HF = {"qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+           "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2")}
+
+
+def expert_mcore_name(layer: int, expert: int, fc: str, te: bool = False) -> str:
+    """Full-model name of expert `expert`'s linear_fc1 / linear_fc2 in layer `layer` (local or TE spec)."""
+    if te:  # TEGroupedMLP: one weight per expert on the grouped linear
+        return f"decoder.layers.{layer}.mlp.experts.{fc}.weight{expert}"
+    return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{fc}.weight"
+
+
+def _moe_mlp_entries(arch: HFArch, i: int) -> list[Entry]:
+    block, router, gate, up, down = _MOE_HF[arch.model_type]
+    hf = f"model.layers.{i}.{block}."
+    mc = f"decoder.layers.{i}."
+    ffn = arch.moe.ffn_hidden_size
+    entries = [
+        Entry(f"{mc}pre_mlp_layernorm.weight", f"{mc}pre_mlp_layernorm.weight",
+              (f"model.layers.{i}.post_attention_layernorm.weight",), "copy"),
+        Entry(f"{mc}mlp.router.weight", f"{mc}mlp.router.weight", (f"{hf}{router}.weight",), "router"),
+    ]
+    for j in range(arch.moe.num_experts):
+        ex = f"{hf}experts.{j}."
+        entries.append(Entry(expert_mcore_name(i, j, "linear_fc1"), expert_mcore_name(i, j, "linear_fc1", True),
+                             (f"{ex}{gate}.weight", f"{ex}{up}.weight"), "gate_up", ffn))
+        entries.append(Entry(expert_mcore_name(i, j, "linear_fc2"), expert_mcore_name(i, j, "linear_fc2", True),
+                             (f"{ex}{down}.weight",), "copy", ffn))
+    return entries
 
 
 def _layer_entries(arch: HFArch, i: int) -> list[Entry]:
@@ -48,12 +84,17 @@ def _layer_entries(arch: HFArch, i: int) -> list[Entry]:
         Entry(f"{attn}linear_qkv.weight", f"{attn}linear_qkv.weight",
               tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
         Entry(f"{attn}linear_proj.weight", f"{attn}linear_proj.weight", (f"{hf}self_attn.o_proj.weight",), "copy"),
-        Entry(f"{mc}pre_mlp_layernorm.weight", f"{mc}mlp.linear_fc1.layer_norm_weight",
-              (f"{hf}post_attention_layernorm.weight",), "copy"),
-        Entry(f"{mc}mlp.linear_fc1.weight", f"{mc}mlp.linear_fc1.weight",
-              (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"), "gate_up"),
-        Entry(f"{mc}mlp.linear_fc2.weight", f"{mc}mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",), "copy"),
     ]
+    if arch.moe is not None and arch.moe.is_moe_layer(i):
+        entries.extend(_moe_mlp_entries(arch, i))
+    else:
+        entries.extend([
+            Entry(f"{mc}pre_mlp_layernorm.weight", f"{mc}mlp.linear_fc1.layer_norm_weight",
+                  (f"{hf}post_attention_layernorm.weight",), "copy"),
+            Entry(f"{mc}mlp.linear_fc1.weight", f"{mc}mlp.linear_fc1.weight",
+                  (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"), "gate_up"),
+            Entry(f"{mc}mlp.linear_fc2.weight", f"{mc}mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",), "copy"),
+        ])
     if arch.qkv_bias:
         entries.append(Entry(f"{attn}linear_qkv.bias", f"{attn}linear_qkv.bias",
                              tuple(f"{hf}self_attn.{p}_proj.bias" for p in "qkv"), "qkv_bias"))
@@ -115,13 +156,15 @@ def _expected_hf_shapes(arch: HFArch, e: Entry) -> list[Tuple[int, ...]]:
     if e.kind == "qkv_bias":
         return [(arch.num_heads * d,), (arch.num_kv_heads * d,), (arch.num_kv_heads * d,)]
     if e.kind == "gate_up":
-        return [(arch.ffn_hidden_size, h)] * 2
+        return [(e.ffn or arch.ffn_hidden_size, h)] * 2
     if e.kind == "vocab":
         return [(arch.vocab_size, h)]
+    if e.kind == "router":
+        return [(arch.moe.num_experts, h)]
     if e.hf[0].endswith("o_proj.weight"):
         return [(h, arch.num_heads * d)]
-    if e.hf[0].endswith("down_proj.weight"):
-        return [(h, arch.ffn_hidden_size)]
+    if e.ffn or e.hf[0].endswith("down_proj.weight"):
+        return [(h, e.ffn or arch.ffn_hidden_size)]
     if e.hf[0].endswith("_norm.weight") and ".self_attn." in e.hf[0]:
         return [(d,)]
     return [(h,)]
@@ -133,7 +176,7 @@ def _check_mcore_shape(arch: HFArch, e: Entry, t: Tensor) -> None:
         ok = t.dim() == 2 and t.shape[0] >= arch.vocab_size and t.shape[1] == arch.hidden_size
         expected = f"({arch.vocab_size}+padding, {arch.hidden_size})"
     else:
-        rows = sum(s[0] for s in hf_shapes) if e.kind != "copy" else hf_shapes[0][0]
+        rows = sum(s[0] for s in hf_shapes) if e.kind not in ("copy", "router") else hf_shapes[0][0]
         expected_shape = (rows, *hf_shapes[0][1:])
         ok, expected = tuple(t.shape) == expected_shape, str(expected_shape)
     if not ok:

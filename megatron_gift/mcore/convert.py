@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from megatron_gift.hf.mapping import (
     mcore_to_hf_tensors,
     unexpected_hf_names,
 )
+from megatron_gift.mcore.experts import gather_expert, is_expert_param
 from megatron_gift.mcore.model import build_gpt_model, resolve_dtype
 
 MODEL_SUBDIR = "model"
@@ -168,8 +170,16 @@ def _check_against_metadata(sharded: Dict[str, Any], ckpt: Path) -> None:
                                   f"the model expects {tuple(sh.global_shape)}")
 
 
-def _ckpt_key(e: Entry) -> Tuple[str, Optional[int]]:
-    """Sharded key and stacked-layer index of an entry (keys use TE spellings, layers on a leading axis)."""
+_EXPERT_KEY = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+
+
+def _ckpt_key(e: Entry, arch: HFArch) -> Tuple[str, Optional[int]]:
+    """Sharded key and stacked index of an entry (keys use TE spellings). Dense models stack layers on a
+    leading axis; MoE models (Megatron's non-homogeneous layers) have per-layer keys with the experts of a
+    layer stacked on a leading axis."""
+    if arch.moe is not None:
+        m = _EXPERT_KEY.match(e.mcore)
+        return (f"{m.group(1)}.experts.{m.group(3)}", int(m.group(2))) if m else (e.te, None)
     if e.te.startswith(_LAYER_PREFIX):
         layer, rest = e.te[len(_LAYER_PREFIX):].split(".", 1)
         return _LAYER_PREFIX + rest, int(layer)
@@ -192,7 +202,7 @@ def iter_mcore_checkpoint_as_hf(
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     by_key: Dict[str, Dict[Optional[int], Entry]] = {}
     for e in mapping_entries(arch):
-        key, layer = _ckpt_key(e)
+        key, layer = _ckpt_key(e, arch)
         by_key.setdefault(key_prefix + key, {})[layer] = e
     for key, entries in by_key.items():
         if key not in meta:
@@ -200,8 +210,9 @@ def iter_mcore_checkpoint_as_hf(
                                   "(checkpoint of another model, or wrong key prefix?)")
         shape = tuple(meta[key].global_shape)
         stacked = None not in entries
-        if stacked and shape[0] != arch.num_layers:
-            raise CheckpointError(f"{ckpt}: {key!r} stacks {shape[0]} layers, config.json says {arch.num_layers}")
+        if stacked and shape[0] != len(entries):
+            what = "experts" if arch.moe is not None else "layers"
+            raise CheckpointError(f"{ckpt}: {key!r} stacks {shape[0]} {what}, config.json says {len(entries)}")
         sharded = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta[key].dtype), replica_id=0)}
         full = dist_checkpointing.load(sharded, str(ckpt), validate_access_integrity=False)[key]
         for layer, e in entries.items():
@@ -263,10 +274,14 @@ def _gather_tp(name: str, p: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def iter_model_as_hf(model: torch.nn.Module, arch: HFArch, tp_group=None) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_model_as_hf(model: torch.nn.Module, arch: HFArch, tp_group=None,
+                     value: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None,
+                     ) -> Iterator[Tuple[str, torch.Tensor]]:
     """This pipeline stage's parameters as (hf_name, full tensor), gathered over TP, global layer numbers.
 
     Every TP rank of the stage must iterate it to the end (it all-gathers); all of them get the tensors.
+    MoE expert weights are gathered over expert TP and EP (all ranks of those groups get every expert).
+    `value(param)` streams another per-parameter tensor of the same layout instead (e.g. its main_grad).
     The model must be the bare GPTModel (unwrap DDP / Float16Module first). This is the Megatron side
     of the rollout weight sync; names come from checkpoint/mapping.py. tp_group: the tensor-parallel group
     (None: Megatron's parallel_state one).
@@ -275,8 +290,16 @@ def iter_model_as_hf(model: torch.nn.Module, arch: HFArch, tp_group=None) -> Ite
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
     tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
-    gathered = ((n, _gather_tp(n, p, tp_group, tp)) for n, p in model.named_parameters())
-    yield from mcore_to_hf_tensors(None, gathered, layer_offset=offset, arch=arch)
+
+    def gathered():
+        for n, p in model.named_parameters():
+            p = p if value is None else value(p)
+            if arch.moe is not None and is_expert_param(n):  # over ETP and EP, global expert numbers
+                yield from gather_expert(n, p, arch.moe.num_experts)
+            else:
+                yield n, _gather_tp(n, p, tp_group, tp)
+
+    yield from mcore_to_hf_tensors(None, gathered(), layer_offset=offset, arch=arch)
 
 
 def convert_for_model_parallel(hf_dir: str, out: Path, dtype: str, vocab_multiple: int, log=print) -> None:

@@ -106,6 +106,14 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """moe_utils.maybe_move_tensor_to_cpu for CPU tensors: the numpy conversion it does only for CUDA tensors
+    (all_to_all_single's split sizes must be a list or array, not a tensor)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
 # ----------------------------------------------------------------------------- device mapping mode
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
@@ -188,12 +196,17 @@ def _checkpoint_under_mode(function: Any, distribute_saved_activations: bool, *a
 @dataclass(frozen=True)
 class Patch:
     """Replace `module.attr` by `replacement` while the layer is active; `reason` names the
-    Megatron-Core code it answers (file:function). Skipped when `module.attr` does not exist."""
+    Megatron-Core code it answers (file:function). Skipped when `module.attr` does not exist, unless
+    `create` (a global the module reads but never defines without Transformer Engine: set, then deleted)."""
 
     module: str
     attr: str
     replacement: Any
     reason: str
+    create: bool = False
+
+
+_MISSING = object()  # original value of a created attribute: deleted again on release
 
 
 _RNG = "megatron.core.tensor_parallel.random"
@@ -234,6 +247,13 @@ PATCHES: Tuple[Patch, ...] = (
     Patch(_RNG, "_set_cuda_rng_state", _cpu_set_rng_state,
           "tensor_parallel/random.py _set_cuda_rng_state, used by fork / CheckpointFunction "
           "(torch.cuda._lazy_call: silently never runs without CUDA)"),
+    Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
+          "transformer/moe/moe_utils.py RouterGatingLinearFunction.forward/backward read the module global "
+          "te_general_gemm, which is imported only with Transformer Engine (NameError in every MoE router)",
+          create=True),
+    Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
+          "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: split sizes "
+          "become numpy arrays only when they were CUDA tensors; CPU tensors reach all_to_all_single (TypeError)"),
 )
 
 MODE_REASON = (
@@ -322,9 +342,9 @@ def _install() -> None:
             module = importlib.import_module(patch.module)
         except ImportError:
             continue
-        if not hasattr(module, patch.attr):
+        if not hasattr(module, patch.attr) and not patch.create:
             continue
-        _State.originals.append((module, patch.attr, getattr(module, patch.attr)))
+        _State.originals.append((module, patch.attr, getattr(module, patch.attr, _MISSING)))
         setattr(module, patch.attr, patch.replacement)
         applied.append(patch)
     _State.applied = tuple(applied)
@@ -343,7 +363,10 @@ def _release() -> None:
             _State.mode.__exit__(None, None, None)
             _State.mode = None
         for module, attr, original in reversed(_State.originals):
-            setattr(module, attr, original)
+            if original is _MISSING:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, original)
         _State.originals = []
         _State.applied = ()
         logging.getLogger(_RNG).removeFilter(_State.log_filter)

@@ -15,14 +15,14 @@ transformers' `rope_init_fn`). "linear" scaling maps to `seq_len_interpolation_f
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
@@ -63,6 +63,42 @@ def as_arch(hf_config: Any) -> HFArch:
     return hf_config if isinstance(hf_config, HFArch) else parse_hf_config(hf_config)
 
 
+def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, on_cpu: bool, use_te: bool) -> Dict[str, Any]:
+    """TransformerConfig fields of an MoE family (empty for dense models).
+
+    Routing reproduces HF: softmax over the logits' top-k (= renormalised top-k probabilities, Mixtral and
+    Qwen3-MoE with norm_topk_prob) or top-k of the full softmax (norm_topk_prob false: moe_router_pre_softmax).
+    RL defaults as the peers use them: router in fp32, load-balancing loss off (`none`; an override of
+    moe_router_load_balancing_type turns it on with the HF config's router_aux_loss_coef; the run config refuses that,
+    see config/run.py ModelConfig), no expert bias.
+    Token dispatch: allgather on CPU, alltoall on GPU (alltoall also runs on gloo, with cpu_compat's split-size
+    patch: tests/distributed/test_moe_convert.py ep2_alltoall; allgather stays the CPU default, the tested one
+    for training).
+    """
+    moe = arch.moe
+    if moe is None:
+        return {}
+    if moe.num_experts % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the model's {moe.num_experts} experts")
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_router_topk=moe.top_k,
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=moe.aux_loss_coef,
+        moe_router_enable_expert_bias=False,
+        moe_layer_freq=list(moe.layer_pattern),
+        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+        moe_grouped_gemm=use_te,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
 def transformer_config_from_hf(
     hf_config: Any,
     *,
@@ -70,7 +106,10 @@ def transformer_config_from_hf(
     tp: int = 1,
     pp: int = 1,
     cp: int = 1,
+    ep: int = 1,
+    etp: int = 1,
     on_cpu: Optional[bool] = None,
+    use_te: Optional[bool] = None,
     **overrides: Any,
 ) -> TransformerConfig:
     """TransformerConfig reproducing the HF model; `overrides` are TransformerConfig fields (checked)."""
@@ -110,6 +149,7 @@ def transformer_config_from_hf(
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
     )
+    kwargs.update(moe_kwargs(arch, ep=ep, etp=etp, on_cpu=on_cpu, use_te=te_available() if use_te is None else use_te))
     valid = {f.name for f in fields(TransformerConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
@@ -118,13 +158,36 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(arch: HFArch, use_te: Optional[bool] = None):
+def layer_spec(arch: HFArch, use_te: Optional[bool] = None, config: Optional[TransformerConfig] = None,
+               vp_stage: Optional[int] = None):
+    """Dense: one layer spec for every layer. MoE: this stage's block spec (MoE / dense layers per the
+    config's moe_layer_freq; SequentialMLP experts locally, grouped-GEMM experts with Transformer Engine)."""
     use_te = te_available() if use_te is None else use_te
+    if arch.moe is not None:
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                           vp_stage=vp_stage)
+        return _unfused_moe_norm_keys(block)
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def _unfused_moe_norm_keys(block):
+    """The local spec saves every layer's pre_mlp_layernorm under the TE key mlp.linear_fc1.layer_norm_weight,
+    but the TE spec's MoE layers keep a separate pre_mlp_layernorm (no fc1 to fuse into): drop that key
+    mapping in MoE layers so a checkpoint saved on CPU (local spec) loads with the TE spec and back."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    specs = []
+    for spec in block.layer_specs:
+        sub = spec.submodules
+        if getattr(sub.mlp, "module", None) is MoELayer and "pre_mlp_layernorm." in sub.sharded_state_dict_keys_map:
+            keys = {k: v for k, v in sub.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."}
+            spec = replace(spec, submodules=replace(sub, sharded_state_dict_keys_map=keys))
+        specs.append(spec)
+    return replace(block, layer_specs=specs)
 
 
 def _fix_llama3_inv_freq(model: GPTModel, arch: HFArch) -> None:
@@ -185,6 +248,9 @@ def build_gpt_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    use_te = te_available() if use_te is None else use_te
     padded_vocab = arch.padded_vocab_size(vocab_multiple)
     if padded_vocab % tp:
         raise ValueError(f"padded vocabulary {padded_vocab} (multiple {vocab_multiple}) is not divisible by TP={tp}")
@@ -192,10 +258,11 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    config = transformer_config_from_hf(arch, dtype=dtype, tp=tp, pp=pp, cp=cp, **_for_loading(config_overrides))
+    config = transformer_config_from_hf(arch, dtype=dtype, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, use_te=use_te,
+                                        **_for_loading(config_overrides))
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te),
+        transformer_layer_spec=layer_spec(arch, use_te, config, vp_stage),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

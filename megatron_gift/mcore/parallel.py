@@ -17,13 +17,16 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 @dataclass(frozen=True)
 class ParallelSizes:
-    """Parallel layout of a world: world_size == tp * pp * cp * dp."""
+    """Parallel layout of a world: world_size == tp * pp * cp * dp; the experts of an MoE model are laid out
+    over the same ranks as etp * ep * edp * pp (Megatron's expert grid: ep x etp must divide tp x cp x dp)."""
 
     world_size: int
     tp: int = 1
     pp: int = 1
     cp: int = 1
     vpp: Optional[int] = None
+    ep: int = 1
+    etp: int = 1
 
     @property
     def dp(self) -> int:
@@ -31,9 +34,9 @@ class ParallelSizes:
 
 
 def check_parallel_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
-                         vpp: Optional[int] = None) -> ParallelSizes:
+                         vpp: Optional[int] = None, ep: int = 1, etp: int = 1) -> ParallelSizes:
     """Validate a layout and return it; raises ValueError naming the offending size."""
-    for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp), ("cp", cp)):
+    for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep), ("etp", etp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"parallel size {name}={value!r} must be a positive int")
     model_parallel = tp * pp * cp
@@ -46,11 +49,15 @@ def check_parallel_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
             raise ValueError(f"virtual pipeline size vpp={vpp!r} must be a positive int or None")
         if pp < 2:
             raise ValueError(f"virtual pipeline size vpp={vpp} needs pp >= 2 (got pp={pp})")
-    return ParallelSizes(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp)
+    if (world_size // pp) % (ep * etp):
+        # megatron.core.parallel_state.initialize_model_parallel: world % (etp * ep * pp) == 0.
+        raise ValueError(f"ep*etp = {ep}*{etp} must divide the ranks of one pipeline stage, tp*cp*dp = "
+                         f"{world_size // pp} (world_size={world_size}, pp={pp})")
+    return ParallelSizes(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep, etp=etp)
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None,
-                        seed: Optional[int] = None) -> ParallelSizes:
+                        seed: Optional[int] = None, ep: int = 1, etp: int = 1) -> ParallelSizes:
     """Initialise Megatron's parallel state over the default process group (must already exist).
 
     With `seed`, also seeds the model-parallel RNG tracker (`model_parallel_cuda_manual_seed`), which
@@ -59,7 +66,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel(): torch.distributed is not initialised; "
                            "call torch.distributed.init_process_group first (or use mcore.harness)")
-    sizes = check_parallel_sizes(dist.get_world_size(), tp, pp, cp, vpp)
+    sizes = check_parallel_sizes(dist.get_world_size(), tp, pp, cp, vpp, ep, etp)
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("initialize_parallel(): Megatron parallel state is already initialised; "
                            "call destroy_parallel() first")
@@ -68,6 +75,8 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     if seed is not None:
         model_parallel_cuda_manual_seed(seed)

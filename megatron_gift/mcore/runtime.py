@@ -51,7 +51,7 @@ class Runtime:
 
 
 def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed: int = 1234,
-          timeout_s: float = 1800.0) -> Runtime:
+          timeout_s: float = 1800.0, ep: int = 1, etp: int = 1) -> Runtime:
     """Join (or create) the process group from RANK / WORLD_SIZE / MASTER_* and set up Megatron."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     stack = contextlib.ExitStack()
@@ -71,7 +71,7 @@ def start(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, seed
         stack.enter_context(enable_cpu_compat())
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
-    initialize_parallel(tp, pp, cp, vpp, seed=seed)
+    initialize_parallel(tp, pp, cp, vpp, seed=seed, ep=ep, etp=etp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     device = compute_device()
     return Runtime(rank=rank, world_size=world, dp=dp, dp_rank=dp_rank,
@@ -91,13 +91,14 @@ def build_stage_model(arch: HFArch, hf_dir: str, mcore_dir: Optional[str], dtype
     model = build_gpt_model(arch, dtype=dtype, vocab_multiple=vocab_multiple, **overrides)
     if mcore_dir:
         load_mcore_checkpoint(model, Path(mcore_dir))
-    elif ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+    elif ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1 \
+            and ps.get_expert_model_parallel_world_size() == 1 and ps.get_expert_tensor_parallel_world_size() == 1:
         reader = HFReader(Path(hf_dir))
         try:
             copy_hf_into_model(model, arch, reader.get, vocab_multiple=vocab_multiple)
         finally:
             reader.close()
     else:
-        raise ValueError("TP or PP > 1 loads a converted Megatron checkpoint: run megatron-gift-convert-hf-to-mcore "
+        raise ValueError("TP, PP, EP or ETP > 1 loads a converted Megatron checkpoint: run megatron-gift-convert-hf-to-mcore "
                          f"--hf-dir {hf_dir} --out DIR and set model.mcore_dir: DIR")
     return model.to(device)

@@ -18,6 +18,7 @@ from megatron_gift.algo.registry import build_loss
 from megatron_gift.algo.loss import needs_reference_model
 from megatron_gift.hf.arch import HFArch
 from megatron_gift.planning.memory import TrainPlan, VllmPlan
+from megatron_gift.config.moe import check_moe_settings
 from megatron_gift.config.run import RunConfig
 
 # The trainer pads every microbatch to a multiple of this many tokens (algo/packing.py's default).
@@ -56,6 +57,10 @@ def check_layout(cfg: RunConfig, arch: HFArch, arch_path: str, nodes: int, gpus_
         err(f"parallel.tp / parallel.pp / parallel.cp: {exc} ({nodes} nodes x {gpus_per_node} GPUs)")
         dp = None
     _check_model_split(cfg, arch, arch_path, err)
+    try:
+        check_moe_settings(arch, cfg.model, par)
+    except ValueError as exc:
+        err(f"{exc} ({arch_path})")
     seq_len = round_up(cfg.data.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens, PAD_MULTIPLE)
     _check_sequence(cfg, arch, arch_path, seq_len, attention, err)
     _check_checkpoint(cfg, err, warn)
@@ -77,7 +82,7 @@ def check_layout(cfg: RunConfig, arch: HFArch, arch_path: str, nodes: int, gpus_
         microbatches=t.microbatches, seqs_per_microbatch=groups_per_mb * t.responses_per_prompt, seq_len=seq_len,
         vocab_multiple=cfg.model.vocab_multiple,
         reference_copy=needs_reference_model(loss),
-        attention=attention, recompute=recompute)
+        attention=attention, recompute=recompute, ep=par.ep, etp=par.etp)
     return rep
 
 
@@ -116,9 +121,9 @@ def _check_sequence(cfg: RunConfig, arch: HFArch, where: str, seq_len: int, atte
 
 def _check_checkpoint(cfg: RunConfig, err, warn) -> None:
     par, m = cfg.parallel, cfg.model
-    if par.tp * par.pp > 1 and not m.mcore_dir:
-        err(f"model.mcore_dir is empty: TP={par.tp} x PP={par.pp} loads a converted Megatron checkpoint "
-            "(megatron-gift-convert-hf-to-mcore)")
+    if par.tp * par.pp * par.ep * par.etp > 1 and not m.mcore_dir:
+        err(f"model.mcore_dir is empty: TP={par.tp} x PP={par.pp} x EP={par.ep} x ETP={par.etp} loads a converted "
+            "Megatron checkpoint (megatron-gift-convert-hf-to-mcore)")
     elif m.mcore_dir and not Path(m.mcore_dir).exists():
         warn(f"model.mcore_dir '{m.mcore_dir}' does not exist here (make it on the cluster with "
              "megatron-gift-convert-hf-to-mcore)")

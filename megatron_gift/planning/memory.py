@@ -33,6 +33,10 @@ c CP, s sequence length, b sequences per microbatch, d the parameter dtype's byt
                 (weights offloaded to host at level 1, dropped at level 2; KV cache freed), and the step's
                 peak is then max(training + asleep engine, static training state + awake engine);
 - reserve       CUDA context, NCCL buffers, allocator fragmentation (a flat assumption).
+Mixture-of-experts models: weights / grads / optimizer count this rank's E/ep experts (split over expert
+TP; the distributed optimizer shards expert state over the expert data-parallel group, world/(ep*etp*pp));
+activations use the active width (top_k experts' f per token, model_size.active_ffn_width) plus the
+dispatcher's permuted copies of the k routed token copies (2 k h per token).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_gift.hf.arch import HFArch
-from megatron_gift.planning.model_size import stage_params, total_params
+from megatron_gift.planning.model_size import active_ffn_width, stage_params, total_params
 
 GIB = 1 << 30
 ATTENTION = ("te", "local")
@@ -68,6 +72,8 @@ class TrainPlan:
     reference_copy: bool
     attention: str = "te"
     recompute: str = "none"
+    ep: int = 1
+    etp: int = 1
 
     @property
     def tokens_per_microbatch(self) -> int:
@@ -98,12 +104,14 @@ class StageEstimate:
 def layer_activation_bytes_per_token(plan: TrainPlan) -> float:
     """Saved activations of one decoder layer per token on one rank, without the s^2 softmax term."""
     a = plan.arch
-    h, f = a.hidden_size, a.ffn_hidden_size
+    h, f = a.hidden_size, active_ffn_width(a)
     q, k = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     if plan.attention == "te":
         replicated, sharded = 4 * h, 2 * q + 2 * k + 5 * f
     else:
         replicated, sharded = 6 * h, 4 * q + 5 * f
+    if a.moe is not None:
+        replicated += 2 * a.moe.top_k * h  # the dispatcher's permuted token copies (in and out)
     return plan.dtype_bytes * (replicated / (plan.tp if plan.sequence_parallel else 1) + sharded / plan.tp)
 
 
@@ -146,15 +154,21 @@ def logits_bytes(plan: TrainPlan) -> float:
 
 def estimate_stage(plan: TrainPlan, stage: int) -> StageEstimate:
     """Training-side items on one GPU of pipeline stage `stage`."""
-    params = stage_params(plan.arch, plan.tp, plan.pp, stage, plan.vocab_multiple).total
+    sp = stage_params(plan.arch, plan.tp, plan.pp, stage, plan.vocab_multiple, plan.ep, plan.etp)
+    params = sp.total
     d = plan.dtype_bytes
     opt_per_param = 12 if d < 4 else 8
     shards = plan.dp * plan.cp if plan.distributed_optimizer else 1
+    # Expert state is sharded over the expert data-parallel group: world / (ep * etp * pp) = tp*cp*dp / (ep*etp).
+    expert_shards = plan.tp * plan.cp * plan.dp // (plan.ep * plan.etp) if plan.distributed_optimizer else 1
     est = StageEstimate(stage)
     est.items.append(Item("weights", d * params, f"{params / 1e9:.3f}B params x {d} B"))
     est.items.append(Item("main grads (fp32)", 4.0 * params, "4 B/param"))
-    est.items.append(Item("optimizer state", opt_per_param * params / shards,
-                          f"{opt_per_param} B/param / {shards}" + (" (distributed)" if shards > 1 else "")))
+    optimizer = opt_per_param * ((params - sp.experts) / shards + sp.experts / expert_shards)
+    formula = f"{opt_per_param} B/param / {shards}" + (" (distributed)" if shards > 1 else "")
+    if sp.experts:
+        formula += f", experts ({sp.experts / 1e9:.3f}B) / {expert_shards}"
+    est.items.append(Item("optimizer state", optimizer, formula))
     if plan.reference_copy:
         est.items.append(Item("reference model", d * params, "frozen copy of the stage"))
     act, where = activation_bytes(plan, stage)

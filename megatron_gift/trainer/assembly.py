@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_gift.algo import build_loss
 from megatron_gift.algo.loss import needs_reference_model
+from megatron_gift.config.moe import check_moe_settings, moe_overrides
 from megatron_gift.config.run import RunConfig
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
 from megatron_gift.hf.arch import HFArch, load_hf_arch
@@ -36,7 +37,7 @@ def engine_placement(cfg: RunConfig, rank: int, world_size: int) -> EnginePlacem
 
 def prepare_model_dir(cfg: RunConfig, rank: int, run_dir: Path, resuming: bool, log: Callable[[str], None]) -> None:
     """Warm-start the tiny demo model when no hf_dir is given, and convert hf_dir into a Megatron checkpoint
-    when TP or PP > 1 needs one and none is given (rank 0 makes both, the others wait). Updates cfg.model."""
+    when TP, PP, EP or ETP > 1 needs one and none is given (rank 0 makes both, the others wait). Updates cfg.model."""
     if not cfg.model.hf_dir:
         from megatron_gift.demo.warmstart import point_at_demo_inputs, prepare_demo_inputs
         if rank == 0:
@@ -44,7 +45,9 @@ def prepare_model_dir(cfg: RunConfig, rank: int, run_dir: Path, resuming: bool, 
         dist.barrier()
         if rank != 0:
             point_at_demo_inputs(cfg, str(run_dir))
-    if not resuming and not cfg.model.mcore_dir and cfg.parallel.tp * cfg.parallel.pp > 1:
+    p = cfg.parallel
+    check_moe_settings(load_hf_arch(Path(cfg.model.hf_dir) / "config.json"), cfg.model, p)  # before converting
+    if not resuming and not cfg.model.mcore_dir and p.tp * p.pp * p.ep * p.etp > 1:
         out = run_dir / "mcore_from_hf"
         if rank == 0:
             convert_for_model_parallel(cfg.model.hf_dir, out, cfg.precision.dtype, cfg.model.vocab_multiple, log=log)
@@ -89,6 +92,7 @@ def build_models(cfg: RunConfig, arch: HFArch, loss, rt, weights_from_checkpoint
     if cfg.parallel.sequence_parallel:
         extra["sequence_parallel"] = True
     extra.update(recompute_kwargs(cfg.parallel.recompute))
+    extra.update(moe_overrides(arch, cfg.model))
     if not weights_from_checkpoint:
         policy = rt_mod.build_stage_model(**kwargs, **extra)
     else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)

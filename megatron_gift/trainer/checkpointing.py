@@ -37,6 +37,9 @@ def fingerprint(cfg, arch, loss) -> Dict[str, object]:
     """Config items a checkpoint must agree with to be resumed by this run (the layout may differ)."""
     model = {k: getattr(arch, k) for k in FINGERPRINT_ARCH_KEYS}
     model["padded_vocab_size"] = arch.padded_vocab_size(cfg.model.vocab_multiple)
+    if arch.moe is not None:  # routed experts (dense models' fingerprints stay as they were)
+        model["moe"] = {"num_experts": arch.moe.num_experts, "top_k": arch.moe.top_k,
+                        "ffn_hidden_size": arch.moe.ffn_hidden_size, "layer_pattern": list(arch.moe.layer_pattern)}
     return {"model": model, "precision": {"dtype": cfg.precision.dtype},
             "loss": {"name": cfg.loss.name, "anchor": loss.anchor},
             "optim": {"use_distributed_optimizer": cfg.parallel.use_distributed_optimizer}}
@@ -44,7 +47,9 @@ def fingerprint(cfg, arch, loss) -> Dict[str, object]:
 
 def layout(cfg, rt) -> Dict[str, object]:
     p = cfg.parallel
-    return {"world_size": rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": rt.dp}
+    out = {"world_size": rt.world_size, "tp": p.tp, "pp": p.pp, "cp": p.cp, "vpp": p.vpp, "dp": rt.dp}
+    out.update({k: v for k, v in (("ep", p.ep), ("etp", p.etp)) if v != 1})  # MoE layouts only
+    return out
 
 
 class TrainingCheckpointer:

@@ -84,7 +84,8 @@ class Trainer:
         self.cfg, self.log_fn = cfg, log
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)
-        self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed)
+        self.rt = rt_mod.start(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.vpp, seed=t.seed,
+                               ep=cfg.parallel.ep, etp=cfg.parallel.etp)
         cfg.check_world(self.rt.world_size)
         self.placement = assembly.engine_placement(cfg, self.rt.rank, self.rt.world_size)
         check_fp8_supported(cfg.precision)

@@ -12,8 +12,8 @@ def verify_weight_sync(trainer, num_prompts: int = 4, max_new_tokens: int = 12) 
     Single-stage, single-TP layouts only (the model is run whole on this rank).
     """
     par = trainer.cfg.parallel
-    if par.tp * par.pp * par.cp != 1:
-        raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=1)")
+    if par.tp * par.pp * par.cp * par.ep * par.etp != 1:
+        raise NotImplementedError("verify_weight_sync compares against a single-stage model (tp=pp=cp=ep=etp=1)")
     prompts = [trainer.dataset[i].prompt_ids for i in range(min(num_prompts, len(trainer.dataset)))]
     engine_out = trainer.engine.greedy(prompts, max_new_tokens)
     model = unwrap_model(trainer.model[0]).eval()

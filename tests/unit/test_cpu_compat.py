@@ -14,8 +14,12 @@ from megatron_gift.mcore.cpu_compat import PATCHES, cpu_compat_active, enable_cp
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour (see tests/gpu)")
 
 
+_ABSENT = object()
+
+
 def _targets():
-    return {(p.module, p.attr): getattr(importlib.import_module(p.module), p.attr) for p in PATCHES}
+    """Patched objects by target; _ABSENT for a created global (te_general_gemm) while the layer is off."""
+    return {(p.module, p.attr): getattr(importlib.import_module(p.module), p.attr, _ABSENT) for p in PATCHES}
 
 
 @pytest.fixture
@@ -46,6 +50,7 @@ def test_disable_restores_originals_and_nesting_is_refcounted():
     assert not cpu_compat_active()
     after = _targets()
     assert all(after[k] is before[k] for k in before)
+    assert before[("megatron.core.transformer.moe.moe_utils", "te_general_gemm")] is _ABSENT  # deleted again
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")  # the mode is gone: CPU torch refuses CUDA again
 

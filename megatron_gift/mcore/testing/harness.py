@@ -58,7 +58,8 @@ def free_port() -> int:
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
                     vpp: Optional[int] = None, timeout: float = 300.0, start_timeout: float = 300.0,
-                    seed: int = 1234, spawn: Optional[bool] = None, **kwargs: Any) -> List[Any]:
+                    seed: int = 1234, spawn: Optional[bool] = None, ep: int = 1, etp: int = 1,
+                    **kwargs: Any) -> List[Any]:
     """Run `fn(rank, world_size, **kwargs)` on `world_size` gloo ranks; return the values by rank.
 
     Each rank enables the CPU compatibility layer, joins a gloo process group, initialises Megatron
@@ -67,8 +68,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tp: int = 1, pp: in
     rank fails or exits, or naming the ranks not started after `start_timeout` seconds (imports and
     rendezvous are slow on a busy 2-core machine) or still running `timeout` seconds after all started.
     """
-    check_parallel_sizes(world_size, tp, pp, cp, vpp)
-    spec = dict(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, seed=seed, timeout=timeout,
+    check_parallel_sizes(world_size, tp, pp, cp, vpp, ep, etp)
+    spec = dict(world_size=world_size, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep, etp=etp, seed=seed, timeout=timeout,
                 start_timeout=start_timeout, port=free_port())
     if spawn is None:
         spawn = world_size > 1 or torch.cuda.is_available()
@@ -95,7 +96,8 @@ def _rank_context(rank: int, spec: Dict[str, Any]) -> Iterator[None]:
             # gloo's own timeout covers the rendezvous too, whose ranks start seconds apart.
             timeout=timedelta(seconds=max(spec["timeout"], spec["start_timeout"])))
         try:
-            initialize_parallel(spec["tp"], spec["pp"], spec["cp"], spec["vpp"], seed=spec["seed"])
+            initialize_parallel(spec["tp"], spec["pp"], spec["cp"], spec["vpp"], seed=spec["seed"],
+                                ep=spec["ep"], etp=spec["etp"])
             try:
                 yield
             finally:

@@ -1,0 +1,39 @@
+"""Run-config checks and Megatron settings of a mixture-of-experts run (model.moe_*, parallel.ep / etp).
+
+Owns: refusing expert settings on a dense model and expert layouts the model cannot take (errors name the
+key), and turning the model.moe_* keys into TransformerConfig overrides (the router defaults themselves,
+fp32 router and no load-balancing loss, live in mcore/model.py's moe_kwargs). Pure Python.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from megatron_gift.hf.arch import HFArch
+
+
+def check_moe_settings(arch: HFArch, model_cfg: Any, parallel: Any) -> None:
+    """Raise ValueError naming the key when the run's expert settings do not fit the model."""
+    moe_keys = {"parallel.ep": parallel.ep != 1, "parallel.etp": parallel.etp != 1,
+                "model.moe_router_dtype": model_cfg.moe_router_dtype != "fp32"}
+    if arch.moe is None:
+        used = [k for k, on in moe_keys.items() if on]
+        if used:
+            raise ValueError(f"{', '.join(used)}: set for a dense model ({arch.model_type}); expert settings need a "
+                             "mixture-of-experts model (qwen3_moe, mixtral)")
+        return
+    if parallel.tp > 1 and parallel.ep > 1 and not parallel.sequence_parallel:
+        # megatron-core refuses to train an MoE model with TP and EP but without sequence parallelism.
+        raise ValueError(f"parallel.sequence_parallel: must be true with parallel.tp={parallel.tp} and "
+                         f"parallel.ep={parallel.ep} (Megatron's MoE training needs it)")
+    if arch.moe.num_experts % parallel.ep:
+        raise ValueError(f"parallel.ep={parallel.ep} does not divide the model's {arch.moe.num_experts} experts")
+    if parallel.etp > 1 and arch.moe.ffn_hidden_size % parallel.etp:
+        raise ValueError(f"parallel.etp={parallel.etp} does not divide the experts' width {arch.moe.ffn_hidden_size}")
+
+
+def moe_overrides(arch: HFArch, model_cfg: Any) -> Dict[str, Any]:
+    """TransformerConfig overrides from model.moe_* (empty for a dense model)."""
+    if arch.moe is None:
+        return {}
+    return {"moe_router_load_balancing_type": model_cfg.moe_load_balancing,
+            "moe_router_dtype": model_cfg.moe_router_dtype}
