@@ -152,7 +152,9 @@ def test_sigterm_saves_and_exits_with_requeue_code(warm, reference, tmp_path):
 
 
 def test_sigterm_before_the_first_step_requeues_and_leaves_the_checkpoint_untouched(warm, reference, tmp_path):
-    """A stop during start-up (here right after the checkpoint was loaded): no step, no save, the requeue code."""
+    """A stop during start-up (sent when the engine is up, so it lands while the checkpoint is loaded and the
+    weights pushed, before the loop's first agreement; "[checkpoint] resumed from" came too late to be sure once
+    the line moved after the weight push): no step, no save, the requeue code."""
     import hashlib
 
     source = reference / "checkpoints" / "step_00000004"
@@ -160,8 +162,9 @@ def test_sigterm_before_the_first_step_requeues_and_leaves_the_checkpoint_untouc
     before = digest()
     run_dir = tmp_path / "run"
     overrides = run_overrides(warm, run_dir, STEPS, extra=[f"trainer.resume={source}"])
-    stopped = run_until(overrides, "[checkpoint] resumed from", signal.SIGTERM)
+    stopped = run_until(overrides, "[rollout] engine sleep", signal.SIGTERM)
     assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stdout[-3000:]
+    assert "[checkpoint] resumed from" in stopped.stdout  # the stop did not interrupt the load
     assert "[train] step" not in stopped.stdout  # no step ran
     ckpts = run_dir / "checkpoints"
     assert json.loads((ckpts / REQUEUE_FILE).read_text())["step"] == 4
