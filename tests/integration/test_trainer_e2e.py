@@ -158,6 +158,7 @@ def test_baseline_losses_train_end_to_end(shared_warm_start, loss):
     overlong shaping, takes one, so its trainer log-probs must equal the engine's for the refilled groups."""
     from megatron_gift.config.run import load_run_config
     from megatron_gift.trainer.trainer import Trainer
+    from tests.integration.weight_sync_check import verify_weight_sync
 
     sets, base = shared_warm_start
     run_dir = base / f"baseline_{loss}"
@@ -169,7 +170,7 @@ def test_baseline_losses_train_end_to_end(shared_warm_start, loss):
         start = {n: p.detach().clone() for n, p in trainer.model[0].named_parameters()}
         history = trainer.run()
         moved = max(float((p.detach() - start[n]).abs().max()) for n, p in trainer.model[0].named_parameters())
-        match = trainer.verify_weight_sync(num_prompts=4, max_new_tokens=10)
+        match = verify_weight_sync(trainer, num_prompts=4, max_new_tokens=10)
     finally:
         trainer.close()
     assert len(history) == 2 and moved > 0 and match == 1.0
