@@ -47,9 +47,12 @@ def test_known_warning_hidden_unknown_shown(monkeypatch):
 def test_known_log_records_hidden_errors_and_unknown_kept(monkeypatch):
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     logger = logging.getLogger("vllm.platforms.cpu")
-    sink, propagate = _Records(), logger.propagate
+    sink, propagate, disabled, level = _Records(), logger.propagate, logger.disabled, logger.level
     logger.addHandler(sink)
-    logger.propagate = False
+    # Earlier tests in this process may have started vLLM, whose logging dictConfig disables or re-levels
+    # existing loggers: this test is about our filter, so the logger itself must emit.
+    logger.propagate, logger.disabled = False, False
+    logger.setLevel(logging.WARNING)
     noise = hide_known_warnings()
     try:
         logger.warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
@@ -58,7 +61,8 @@ def test_known_log_records_hidden_errors_and_unknown_kept(monkeypatch):
     finally:
         noise.uninstall()
         logger.removeHandler(sink)
-        logger.propagate = propagate
+        logger.propagate, logger.disabled = propagate, disabled
+        logger.setLevel(level)
     assert noise.hidden == 1
     assert sink.messages == ["KV cache is larger than the machine's memory",
                              "Triton is not installed. triton-cpu is expected on x86 CPUs."]
