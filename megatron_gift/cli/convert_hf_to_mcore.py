@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from megatron_gift.hf.hub import resolve_model_dir
+from megatron_gift.cli.args import positive_int, to_stderr
 
 
 def convert(hf_dir: Path, out: Path, dtype: str = "bfloat16", overwrite: bool = False,
@@ -36,7 +37,7 @@ def convert(hf_dir: Path, out: Path, dtype: str = "bfloat16", overwrite: bool = 
     load_hf_arch(hf_dir)  # refuse unsupported configs before creating anything
     total = HFReader(hf_dir).nbytes()
     start = time.perf_counter()
-    with atomic_output_dir(out, overwrite, sources=[hf_dir], log=_stderr) as tmp:
+    with atomic_output_dir(out, overwrite, sources=[hf_dir], log=to_stderr) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf->mcore", disable=quiet) as bar:
             info = save_hf_as_mcore(hf_dir, tmp / MODEL_SUBDIR, dtype=resolve_dtype(dtype),
                                     vocab_multiple=vocab_multiple, progress=bar.update)
@@ -45,21 +46,6 @@ def convert(hf_dir: Path, out: Path, dtype: str = "bfloat16", overwrite: bool = 
         info["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / CONVERSION_INFO).write_text(json.dumps(info, indent=2))
     return info
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def main(argv=None) -> int:

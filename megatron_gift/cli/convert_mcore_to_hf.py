@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_gift.cli.args import to_stderr
+
 
 def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str = "",
            max_shard_bytes: int = 2 * 1024**3, quiet: bool = False) -> dict:
@@ -30,15 +32,11 @@ def export(mcore_dir: Path, out: Path, overwrite: bool = False, key_prefix: str 
     check_disjoint(mcore_dir, out, "--mcore-dir")
     read_conversion_info(mcore_dir)  # a directory that is not a conversion is an error before --out is touched
     start = time.perf_counter()
-    with atomic_output_dir(out, overwrite, sources=[mcore_dir], log=_stderr) as tmp:
+    with atomic_output_dir(out, overwrite, sources=[mcore_dir], log=to_stderr) as tmp:
         n, size = write_mcore_checkpoint_as_hf(mcore_dir, tmp, key_prefix, max_shard_bytes,
                                                progress=lambda it: tqdm(it, desc="mcore->hf", unit="tensor",
                                                                         disable=quiet))
     return {"tensors": n, "bytes": size, "seconds": round(time.perf_counter() - start, 3)}
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from typing import List, Optional
 from megatron_gift.planning.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
                                          estimate_vllm, static_bytes)
 from megatron_gift.planning.model_size import total_params
+from megatron_gift.cli.args import positive_int
 
 _KNOBS = {
     "activations": "parallel.recompute: full (or selective), more trainer.microbatches (fewer groups each), parallel.cp, parallel.tp with "
@@ -178,17 +179,6 @@ def run(args: argparse.Namespace, out=print) -> int:
     fits, line = verdict(stages, vllm, args)
     out(line)
     return 0 if ok and fits else 1
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
