@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from megatron_gift.algo.group_stats import group_advantages, zero_variance_groups
-from megatron_gift.algo.policy_terms import (aggregate, check_agg_mode, check_clip, check_kl, kl_term,
+from megatron_gift.algo.policy_terms import (PolicyLoss, aggregate, check_agg_mode, check_clip, check_kl, kl_term,
                                              masked_total)
 from megatron_gift.algo.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
 
@@ -79,7 +79,7 @@ def sequence_weights(inputs: LossInputs, like: Tensor, skip_zero_variance: bool)
     return (~zero_var[inputs.group_index]).to(like.dtype)
 
 
-class GRPOLoss:
+class GRPOLoss(PolicyLoss):
     """GRPO loss of one microbatch: `loss(logprobs [B, T], inputs) -> LossOutput`.
 
     inputs.anchor_logprobs are the rollout policy's log-probs (the PPO "old" policy);
@@ -87,15 +87,7 @@ class GRPOLoss:
     """
 
     name = "grpo"
-    anchor = "old"
     config_cls = GRPOConfig
-
-    def __init__(self, config: Optional[GRPOConfig] = None):
-        self.config = config or self.config_cls()
-
-    @property
-    def needs_ref_logprobs(self) -> bool:
-        return self.config.kl_coef > 0
 
     def __call__(self, logprobs: Tensor, inputs: LossInputs,
                  reduce_seq: SequenceReducer = identity_reducer) -> LossOutput:

@@ -13,13 +13,12 @@ the only aggregation GSPO defines), is the gradient of s_i itself. Defaults are 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from megatron_gift.algo.grpo import sequence_advantages, sequence_weights
 from megatron_gift.algo.group_stats import sequence_sum
-from megatron_gift.algo.policy_terms import aggregate, check_clip, check_kl, kl_term, masked_total
+from megatron_gift.algo.policy_terms import PolicyLoss, aggregate, check_clip, check_kl, kl_term, masked_total
 from megatron_gift.algo.types import LossInputs, LossOutput, SequenceReducer, Tensor, identity_reducer, metric
 
 # verl clamps the token-level log-ratio of GSPO above at 10 before exp.
@@ -45,18 +44,11 @@ class GSPOConfig:
         check_kl(self.kl_coef, self.kl_estimator, "gspo")
 
 
-class GSPOLoss:
+class GSPOLoss(PolicyLoss):
     """GSPO loss of one microbatch: `loss(logprobs [B, T], inputs) -> LossOutput` (anchor: the rollout policy)."""
 
     name = "gspo"
-    anchor = "old"
-
-    def __init__(self, config: Optional[GSPOConfig] = None):
-        self.config = config or GSPOConfig()
-
-    @property
-    def needs_ref_logprobs(self) -> bool:
-        return self.config.kl_coef > 0
+    config_cls = GSPOConfig
 
     def __call__(self, logprobs: Tensor, inputs: LossInputs,
                  reduce_seq: SequenceReducer = identity_reducer) -> LossOutput:

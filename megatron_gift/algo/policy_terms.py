@@ -93,3 +93,18 @@ def kl_term(logprobs: Tensor, ref_logprobs: Optional[Tensor], kl_coef: float, es
     if ref_logprobs is None:
         raise ValueError(f"{where} kl_coef > 0 needs ref_logprobs in the loss inputs")
     return kl_estimate(logprobs, ref_logprobs, estimator)
+
+
+class PolicyLoss:
+    """What the PPO-style losses (grpo, dapo, gspo) share: anchor `old` (the rollout policy), a config of
+    `config_cls` (its defaults when none is given), and the reference model only for a KL term."""
+
+    anchor = "old"
+    config_cls: type
+
+    def __init__(self, config=None):
+        self.config = config or self.config_cls()
+
+    @property
+    def needs_ref_logprobs(self) -> bool:
+        return self.config.kl_coef > 0
