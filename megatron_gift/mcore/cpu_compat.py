@@ -192,18 +192,46 @@ def _checkpoint_under_mode(function: Any, distribute_saved_activations: bool, *a
     return checkpoint(run, distribute_saved_activations, *args)
 
 
+def _norm_new_with_sequence_parallel(original: Any) -> Any:
+    """WrappedTorchNorm.__new__ that also builds norms for sequence-parallel models.
+
+    A norm is per token, so under sequence parallelism it runs unchanged on this rank's part of the
+    sequence; its weight then gets a partial gradient on every tensor-parallel rank, which Megatron sums
+    over TP for parameters tagged `sequence_parallel` (distributed/finalize_model_grads.py
+    _allreduce_non_tensor_model_parallel_grads), as Transformer Engine's norms are tagged."""
+    build = original.__func__ if isinstance(original, staticmethod) else original
+
+    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+                normalization="LayerNorm"):
+        if not getattr(config, "sequence_parallel", False):
+            return build(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        config.sequence_parallel = False  # the original asserts it off; everything else it checks stays
+        try:
+            norm = build(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(__new__)
+
+
 # ----------------------------------------------------------------------------- the patch table
 @dataclass(frozen=True)
 class Patch:
     """Replace `module.attr` by `replacement` while the layer is active; `reason` names the
     Megatron-Core code it answers (file:function). Skipped when `module.attr` does not exist, unless
-    `create` (a global the module reads but never defines without Transformer Engine: set, then deleted)."""
+    `create` (a global the module reads but never defines without Transformer Engine: set, then deleted).
+    `attr` may be dotted (`Class.method`: the class's own attribute is replaced); with `wraps`, the
+    replacement is a factory called with the original object."""
 
     module: str
     attr: str
     replacement: Any
     reason: str
     create: bool = False
+    wraps: bool = False
 
 
 _MISSING = object()  # original value of a created attribute: deleted again on release
@@ -251,6 +279,9 @@ PATCHES: Tuple[Patch, ...] = (
           "transformer/moe/moe_utils.py RouterGatingLinearFunction.forward/backward read the module global "
           "te_general_gemm, which is imported only with Transformer Engine (NameError in every MoE router)",
           create=True),
+    Patch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _norm_new_with_sequence_parallel,
+          "transformer/torch_norm.py WrappedTorchNorm asserts `not config.sequence_parallel` (the local spec's "
+          "norms, used without Transformer Engine): MoE with TP x EP needs sequence parallelism", wraps=True),
     Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
           "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: split sizes "
           "become numpy arrays only when they were CUDA tensors; CPU tensors reach all_to_all_single (TypeError)"),
@@ -339,13 +370,17 @@ def _install() -> None:
     applied = []
     for patch in PATCHES:
         try:
-            module = importlib.import_module(patch.module)
+            owner = importlib.import_module(patch.module)
         except ImportError:
             continue
-        if not hasattr(module, patch.attr) and not patch.create:
+        *path, attr = patch.attr.split(".")
+        for name in path:
+            owner = getattr(owner, name, None)
+        if owner is None or (not hasattr(owner, attr) and not patch.create):
             continue
-        _State.originals.append((module, patch.attr, getattr(module, patch.attr, _MISSING)))
-        setattr(module, patch.attr, patch.replacement)
+        original = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else getattr(owner, attr, _MISSING)
+        _State.originals.append((owner, attr, original))
+        setattr(owner, attr, patch.replacement(original) if patch.wraps else patch.replacement)
         applied.append(patch)
     _State.applied = tuple(applied)
     _State.log_filter = _ForkWarningFilter()

@@ -1,5 +1,6 @@
 """GIFT gradients of a mixture-of-experts model (tiny Qwen3-MoE and Mixtral, converted from transformers) at
-EP=2 and PP=2 equal the one-process run; a routing change (top-1 instead of top-2) does not.
+EP=2, PP=2 and TP=2 x EP=2 (sequence parallel) equal the one-process run; a routing change (top-1 instead of
+top-2) does not.
 
 Each layout loads the same converted checkpoint, runs one `GiftSchedule.forward_backward` (GIFT, detached,
 2 microbatches per data-parallel rank) through Megatron's DDP (expert gradients reduced over the expert
@@ -89,9 +90,9 @@ def reference(mcore_dirs):
     return groups, one, top1
 
 
-# world, tp, pp, ep, overrides. TP x EP is not here: Megatron refuses MoE training with TP and EP but without
-# sequence parallelism, and the local spec's torch norms refuse sequence parallelism (CPU cannot run it).
-LAYOUTS = {"ep2": (2, 1, 1, 2, {}), "pp2": (2, 1, 2, 1, {})}
+# world, tp, pp, ep, overrides. TP x EP needs sequence parallelism (Megatron refuses MoE training with TP and EP
+# without it); on CPU the local spec's torch norms run it through the compat layer (mcore/cpu_compat.py).
+LAYOUTS = {"ep2": (2, 1, 1, 2, {}), "pp2": (2, 1, 2, 1, {}), "tp2xep2_sp": (2, 2, 1, 2, {"sequence_parallel": True})}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -17,9 +17,18 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only beha
 _ABSENT = object()
 
 
+def _resolve(p):
+    """The object a patch replaces (a class's own attribute for a dotted `Class.attr`)."""
+    owner = importlib.import_module(p.module)
+    *path, attr = p.attr.split(".")
+    for name in path:
+        owner = getattr(owner, name)
+    return vars(owner).get(attr, _ABSENT) if isinstance(owner, type) else getattr(owner, attr, _ABSENT)
+
+
 def _targets():
     """Patched objects by target; _ABSENT for a created global (te_general_gemm) while the layer is off."""
-    return {(p.module, p.attr): getattr(importlib.import_module(p.module), p.attr, _ABSENT) for p in PATCHES}
+    return {(p.module, p.attr): _resolve(p) for p in PATCHES}
 
 
 @pytest.fixture
@@ -29,14 +38,48 @@ def compat():
     assert not cpu_compat_active()
 
 
-def test_every_patch_names_its_megatron_site_and_applies_on_this_install(compat):
+def test_every_patch_names_its_megatron_site_and_applies_on_this_install():
+    before = _targets()
+    with enable_cpu_compat() as compat:
+        _check_applied(compat, before)
+
+
+def _check_applied(compat, before):
     assert compat.active
     for p in PATCHES:
         assert p.reason.strip(), f"patch {p.module}.{p.attr} has no reason"
     # megatron-core 0.16.1 and torch 2.13 have every target: none may be silently skipped here.
     assert {(p.module, p.attr) for p in compat.applied} == {(p.module, p.attr) for p in PATCHES}
-    for (module, attr), obj in _targets().items():
-        assert obj is next(p.replacement for p in PATCHES if (p.module, p.attr) == (module, attr))
+    for p in PATCHES:
+        obj = _targets()[(p.module, p.attr)]
+        if p.wraps:  # a wrapper built around the original
+            assert obj is not before[(p.module, p.attr)] and obj is not _ABSENT
+        else:
+            assert obj is p.replacement
+
+
+def _norm_config(sequence_parallel):
+    from types import SimpleNamespace
+    return SimpleNamespace(layernorm_zero_centered_gamma=False, persist_layer_norm=False,
+                           memory_efficient_layer_norm=False, normalization="RMSNorm",
+                           sequence_parallel=sequence_parallel)
+
+
+def test_torch_norms_build_under_sequence_parallelism_tagged_for_the_tp_reduction():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    with pytest.raises(AssertionError, match="sequence parallel"):
+        WrappedTorchNorm(_norm_config(True), 8)  # megatron-core as installed
+    with enable_cpu_compat():
+        config = _norm_config(True)
+        norm = WrappedTorchNorm(config, 8, eps=1e-6)
+        assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6 and norm.normalized_shape == (8,)
+        assert config.sequence_parallel is True  # flipped only while the original builds
+        assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+        plain = WrappedTorchNorm(_norm_config(False), 8)
+        assert not any(hasattr(p, "sequence_parallel") for p in plain.parameters())
+    with pytest.raises(AssertionError, match="sequence parallel"):
+        WrappedTorchNorm(_norm_config(True), 8)  # restored
 
 
 def test_disable_restores_originals_and_nesting_is_refcounted():
