@@ -46,7 +46,7 @@ def make_groups(n_groups=4, size=3, seed=0) -> List[RolloutGroup]:
 
 
 def _step(rank: int, world_size: int, groups, num_microbatches: int, cases: List[str],
-          weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+          weights: Optional[Dict[str, torch.Tensor]] = None, config_extra: Optional[dict] = None) -> Dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -55,7 +55,7 @@ def _step(rank: int, world_size: int, groups, num_microbatches: int, cases: List
     from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
     from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
 
-    model = _build_model(_config())
+    model = _build_model(_config(**(config_extra or {})))
     reference = weights is None
     if reference:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -129,10 +129,11 @@ def test_single_pass_equals_two_pass(reference):
         torch.testing.assert_close(g, ref_full[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-LAYOUTS = {  # name -> (world size, parallel sizes, microbatches per rank)
+LAYOUTS = {  # name -> (world size, parallel sizes, microbatches per rank[, TransformerConfig extras])
     "mb4": (1, {}, 4),
     "dp2": (2, {}, 2),
     "tp2": (2, {"tp": 2}, 1),
+    "tp2_sp": (2, {"tp": 2}, 2, {"sequence_parallel": True}),  # norms' grads summed over TP (cpu_compat tags them)
     "pp2": (2, {"pp": 2}, 2),
     "tp2_pp2": (4, {"tp": 2, "pp": 2}, 4),
 }
@@ -142,9 +143,9 @@ LAYOUTS = {  # name -> (world size, parallel sizes, microbatches per rank)
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_gradients_match_single_process(layout, groups, reference):
-    world, sizes, n_mb = LAYOUTS[layout]
+    world, sizes, n_mb, *extra = LAYOUTS[layout]
     results = run_distributed(_step, world, **sizes, spawn=True, groups=groups, num_microbatches=n_mb,
-                              cases=list(CASES), weights=reference["weights"])
+                              cases=list(CASES), weights=reference["weights"], config_extra=extra[0] if extra else None)
     for case in CASES:
         _compare(results, reference, case)
     for r in results:  # every rank (PP stages, TP, DP) sees the same anchor log-probs of its share

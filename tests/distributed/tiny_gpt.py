@@ -16,7 +16,7 @@ VOCAB, HIDDEN, HEADS, LAYERS, SEQ, BATCH = 128, 64, 4, 2, 16, 4
 ATOL, RTOL = 1e-5, 1e-5
 
 
-def _config():
+def _config(**extra):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
     return TransformerConfig(
@@ -24,7 +24,7 @@ def _config():
         params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False, **extra)
 
 
 def _build_model(config):
