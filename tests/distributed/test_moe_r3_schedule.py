@@ -24,7 +24,7 @@ NOISE = 0.3  # router weight perturbation of the "engine", relative to the weigh
 def _configs():
     cfgs = tiny_moe_configs()
     qwen = cfgs["qwen3_moe_mixed_untied"]
-    qwen.num_hidden_layers, qwen.mlp_only_layers = 3, [1]  # MoE layers 0 and 2: a dense layer between them
+    qwen.num_hidden_layers, qwen.mlp_only_layers = 4, [1]  # MoE layers 0, 2 and 3: a dense layer between them
     return {"qwen3_moe": qwen, "mixtral": cfgs["mixtral_tied"]}
 
 
@@ -143,7 +143,8 @@ def _routing_errors(calls, mbs, groups, layers):
     return wrong, checked, off_default
 
 
-def _r3(rank, world_size, mcore_dirs):
+def _engine(rank, world_size, mcore_dirs):
+    """Every model's groups with the stand-in engine's routes and log-probs, through the wire format."""
     from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.rollout.wire import decode_groups, encode_groups
 
@@ -152,16 +153,34 @@ def _r3(rank, world_size, mcore_dirs):
         arch = load_hf_arch(Path(mcore_dir))
         groups = _groups(arch.vocab_size)
         layers = _engine_rollouts(arch, mcore_dir, groups)
-        groups = decode_groups(encode_groups(groups))  # the rollout exchange's wire format carries the routes
-        res = {"layers": layers}
-        for case, replay, recompute in (("plain", False, "none"), ("replay", True, "none"), ("recompute", True, "full")):
-            t = _trainer(arch, mcore_dir, groups, replay, recompute)
+        out[name] = (layers, decode_groups(encode_groups(groups)))  # the rollout exchange carries the routes
+    return out
+
+
+def _train(rank, world_size, mcore_dirs, rollouts, cases):
+    """Each case's trainer passes on this rank's data-parallel share: routing errors of this stage's layers."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gift.algo.packing import shard_groups
+    from megatron_gift.hf.arch import load_hf_arch
+
+    out = {}
+    for name, mcore_dir in mcore_dirs.items():
+        arch = load_hf_arch(Path(mcore_dir))
+        layers, groups = rollouts[name]
+        mine = shard_groups(groups, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+        res = {}
+        for case, replay, recompute in cases:
+            t = _trainer(arch, mcore_dir, mine, replay, recompute)
             res[case] = dict(grads=t["grads"], mismatch=t["mismatch"], routers=t["routers"])
-            if case != "recompute":
-                res[case]["anchor_errors"] = _routing_errors(t["anchor"], t["mbs"], groups, layers)
-                res[case]["train_errors"] = _routing_errors(t["train"], t["mbs"], groups, layers)
+            if recompute == "none":
+                res[case]["anchor_errors"] = _routing_errors(t["anchor"], t["mbs"], mine, t["routers"])
+                res[case]["train_errors"] = _routing_errors(t["train"], t["mbs"], mine, t["routers"])
         out[name] = res
     return out
+
+
+ONE_PROCESS = (("plain", False, "none"), ("replay", True, "none"), ("recompute", True, "full"))
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +194,26 @@ def mcore_dirs(tmp_path_factory):
     return out
 
 
-def test_trainer_replays_the_engine_routes_for_every_token(mcore_dirs):
-    (out,) = run_distributed(_r3, 1, mcore_dirs=mcore_dirs, timeout=400)
+@pytest.fixture(scope="module")
+def rollouts(mcore_dirs):
+    (out,) = run_distributed(_engine, 1, mcore_dirs=mcore_dirs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(mcore_dirs, rollouts):
+    (out,) = run_distributed(_train, 1, mcore_dirs=mcore_dirs, rollouts=rollouts, cases=ONE_PROCESS, timeout=400)
+    return out
+
+
+def _moe_layers(cfg):
+    return [i for i in range(cfg.num_hidden_layers) if i not in (getattr(cfg, "mlp_only_layers", None) or [])]
+
+
+def test_trainer_replays_the_engine_routes_for_every_token(rollouts, one_process):
     for name, cfg in _configs().items():
-        res = out[name]
-        moe_layers = [i for i in range(cfg.num_hidden_layers) if i not in (getattr(cfg, "mlp_only_layers", None) or [])]
-        assert res["layers"] == res["replay"]["routers"] == moe_layers  # vLLM's layer axis = Megatron's layer - 1
+        res = one_process[name]
+        assert rollouts[name][0] == res["replay"]["routers"] == _moe_layers(cfg)  # vLLM's layer axis = Megatron's - 1
         wrong_anchor, checked, off_anchor = res["replay"]["anchor_errors"]
         wrong_train, _, off_train = res["replay"]["train_errors"]
         plain_wrong, _, _ = res["plain"]["train_errors"]
@@ -198,3 +231,30 @@ def test_trainer_replays_the_engine_routes_for_every_token(mcore_dirs):
         routed = max(float((replay[k] - plain[k]).abs().max()) for k in replay)
         print(f"{name}: full recompute under replay: max |grad diff| {diff:.2e} (replay vs own routing: {routed:.2e})")
         assert diff < 1e-6 < routed
+
+
+# world, pp, ep: each pipeline stage replays its own layers (global layer indices), each expert-parallel rank its
+# data-parallel share (routes are replayed before the token dispatch).
+LAYOUTS = {"pp2": (2, 2, 1), "ep2": (2, 1, 2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_replay_under_pipeline_and_expert_parallelism(mcore_dirs, rollouts, one_process, layout):
+    world, pp, ep = LAYOUTS[layout]
+    results = run_distributed(_train, world, pp=pp, ep=ep, mcore_dirs=mcore_dirs, rollouts=rollouts,
+                              cases=(("replay", True, "none"),), timeout=400)
+    for name, cfg in _configs().items():
+        per_rank = [r[name]["replay"] for r in results]
+        layers = sorted({layer for r in per_rank for layer in r["routers"]})
+        assert layers == _moe_layers(cfg)
+        if pp > 1:
+            assert per_rank[0]["routers"] != per_rank[1]["routers"]  # each stage its own layers
+        for r in per_rank:
+            wrong, checked, off = r["anchor_errors"]
+            assert checked > 0 and wrong == off == 0 and r["train_errors"][0] == r["train_errors"][2] == 0
+        ref = one_process[name]["replay"]["mismatch"]
+        for r in per_rank:
+            for k, v in ref.items():
+                assert abs(r["mismatch"][k] - v) < 1e-6, (layout, name, k, r["mismatch"][k], v)
+        print(f"{layout} {name}: every routed token replayed on every rank; mismatch mean "
+              f"{per_rank[0]['mismatch']['logprob_mismatch_mean']:.3e} (one process {ref['logprob_mismatch_mean']:.3e})")
