@@ -40,3 +40,18 @@ def model_overrides(cfg: Any) -> Dict[str, Any]:
 def engine_overrides(cfg: Any) -> Dict[str, Any]:
     """VllmConfig fields for the rollout engine."""
     return {"return_routed_experts": True} if cfg.rollout.routing_replay else {}
+
+
+def preflight_routing_replay(cfg: Any) -> None:
+    """The trainer's pre-flight form (model.hf_dir exists): UserError, before the warm start, conversions, models and
+    engines. A run without hf_dir (the demo warm start, a dense model) is refused in assembly.prepare_model_dir."""
+    if not cfg.rollout.routing_replay or not cfg.model.hf_dir:
+        return
+    from pathlib import Path
+
+    from megatron_gift.hf.arch import load_hf_arch
+    from megatron_gift.utils.errors import UserError
+    try:
+        check_routing_replay(load_hf_arch(Path(cfg.model.hf_dir) / "config.json"), cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
