@@ -182,3 +182,19 @@ def test_routing_replay_key_is_validated_on_load():
         RolloutConfig(routing_replay="yes")
     with pytest.raises(ValueError, match="rollout.engine.return_routed_experts is set by rollout.routing_replay"):
         RolloutConfig(engine={"return_routed_experts": True})
+
+
+def test_dry_run_plans_routing_replay_for_moe_and_refuses_it_for_dense_models():
+    from megatron_gift.config.run import load_run_config
+    from megatron_gift.hf.arch import load_hf_arch
+    from megatron_gift.planning.layout import check_layout
+
+    root = Path(__file__).resolve().parents[2]
+
+    def errors(recipe):
+        cfg = load_run_config(root / "examples" / recipe, ["rollout.routing_replay=true"])
+        path = str(Path(cfg.model.hf_dir) / "config.json")
+        return check_layout(cfg, load_hf_arch(Path(path)), path, 8, 8, recompute=cfg.parallel.recompute).errors
+
+    assert not any("routing_replay" in e for e in errors("qwen3_30b_a3b_gift.yaml"))  # planned for a GPU cluster
+    assert any("rollout.routing_replay: set for a dense model (llama)" in e for e in errors("llama3_8b_gift.yaml"))
