@@ -79,7 +79,7 @@ def _engine_rollouts(arch, mcore_dir, groups):
     return layers
 
 
-def _trainer(arch, mcore_dir, groups, replay, recompute="none"):
+def _trainer(arch, mcore_dir, groups, replay, recompute="none", packed=None):
     """Anchor pass + train pass of the GIFT schedule; the routing map of every router call, by pass."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -96,7 +96,7 @@ def _trainer(arch, mcore_dir, groups, replay, recompute="none"):
     settings = OptimSettings(lr=1e-3)
     ddp = wrap_for_training([model], settings, pg)
     build_optimizer(ddp, settings)
-    mbs = pack_microbatches(groups, num_microbatches=2, pad_to_multiple=8)
+    mbs = pack_microbatches(groups, num_microbatches=2, pad_to_multiple=8, packed=packed)
     if replay:
         attach_routes(mbs, groups)
     calls = []
@@ -117,30 +117,46 @@ def _trainer(arch, mcore_dir, groups, replay, recompute="none"):
 
 def _routing_errors(calls, mbs, groups, layers):
     """(real tokens whose experts differ from the groups' routes, routed tokens checked, other tokens not on 0..k-1),
-    with the router calls taken in forward order: microbatch by microbatch, layer by layer."""
+    with the router calls taken in forward order: microbatch by microbatch, layer by layer. The token at [s, b]
+    position (t, r) is sequence r's token t, or on packed rows the sequence and position the packing put there; a
+    context-parallel rank sees its two chunks of every row."""
+    from megatron.core import parallel_state as ps
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     by_id = {g.group_id: g for g in groups}
     assert len(calls) == len(mbs) * len(layers)
     wrong = checked = off_default = 0
     for m, mb in enumerate(mbs):
         b, s = mb.shape
         seen = {}
-        rows = []
+        seqs = []
         for gid in mb.loss_inputs.group_ids.tolist():
             j = seen.get(gid, 0)
             seen[gid] = j + 1
-            rows.append(by_id[gid].routed_experts[j])
+            seqs.append(by_id[gid].routed_experts[j])
         for li, layer in enumerate(layers):
             got_layer, routing_map = calls[m * len(layers) + li]
-            assert got_layer == layer and routing_map.shape[0] == s * b
+            assert got_layer == layer and routing_map.shape[0] == s // cp * b
             for r in range(b):
-                for t in range(s):
-                    experts = set(torch.nonzero(routing_map[t * b + r]).flatten().tolist())
-                    if t < rows[r].shape[0]:
+                for local in range(s // cp):
+                    c = _global_column(local, s, cp, cp_rank)
+                    seq, t = (r, c) if mb.packed is None else (int(mb.packed.segment_ids[r, c]), int(mb.position_ids[r, c]))
+                    experts = set(torch.nonzero(routing_map[local * b + r]).flatten().tolist())
+                    if seq >= 0 and t < seqs[seq].shape[0]:
                         checked += 1
-                        wrong += experts != set(rows[r][t, layer].tolist())
+                        wrong += experts != set(seqs[seq][t, layer].tolist())
                     else:
                         off_default += experts != {0, 1}
     return wrong, checked, off_default
+
+
+def _global_column(local: int, s: int, cp: int, cp_rank: int) -> int:
+    """Position in the sequence of a context-parallel rank's local position (it holds chunks cp_rank and
+    2 * cp - 1 - cp_rank of 2 * cp)."""
+    if cp == 1:
+        return local
+    chunk = s // (2 * cp)
+    part = cp_rank if local < chunk else 2 * cp - 1 - cp_rank
+    return part * chunk + local % chunk
 
 
 def _engine(rank, world_size, mcore_dirs):
@@ -170,8 +186,8 @@ def _train(rank, world_size, mcore_dirs, rollouts, cases):
         layers, groups = rollouts[name]
         mine = shard_groups(groups, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
         res = {}
-        for case, replay, recompute in cases:
-            t = _trainer(arch, mcore_dir, mine, replay, recompute)
+        for case, replay, recompute, *packed in cases:
+            t = _trainer(arch, mcore_dir, mine, replay, recompute, *packed)
             res[case] = dict(grads=t["grads"], mismatch=t["mismatch"], routers=t["routers"])
             if recompute == "none":
                 res[case]["anchor_errors"] = _routing_errors(t["anchor"], t["mbs"], mine, t["routers"])
@@ -180,7 +196,8 @@ def _train(rank, world_size, mcore_dirs, rollouts, cases):
     return out
 
 
-ONE_PROCESS = (("plain", False, "none"), ("replay", True, "none"), ("recompute", True, "full"))
+ONE_PROCESS = (("plain", False, "none"), ("replay", True, "none"), ("recompute", True, "full"),
+               ("packed", True, "none", "rows"))
 
 
 @pytest.fixture(scope="module")
@@ -231,17 +248,22 @@ def test_trainer_replays_the_engine_routes_for_every_token(rollouts, one_process
         routed = max(float((replay[k] - plain[k]).abs().max()) for k in replay)
         print(f"{name}: full recompute under replay: max |grad diff| {diff:.2e} (replay vs own routing: {routed:.2e})")
         assert diff < 1e-6 < routed
+        wrong, checked_packed, off = res["packed"]["train_errors"]  # several sequences per row (trainer.packing: rows)
+        assert wrong == off == 0 and checked_packed == checked and res["packed"]["anchor_errors"][0] == 0
+        for k, v in m_replay.items():
+            assert abs(res["packed"]["mismatch"][k] - v) < 1e-6, (name, k)
 
 
-# world, pp, ep: each pipeline stage replays its own layers (global layer indices), each expert-parallel rank its
-# data-parallel share (routes are replayed before the token dispatch).
-LAYOUTS = {"pp2": (2, 2, 1), "ep2": (2, 1, 2)}
+# world, pp, ep, cp: each pipeline stage replays its own layers (global layer indices), each expert-parallel rank its
+# data-parallel share (routes are replayed before the token dispatch). Context parallelism needs Transformer
+# Engine's attention (the local spec refuses it): test_context_parallel_split_keeps_routes_with_their_tokens.
+LAYOUTS = {"pp2": (2, 2, 1, 1), "ep2": (2, 1, 2, 1)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_replay_under_pipeline_and_expert_parallelism(mcore_dirs, rollouts, one_process, layout):
-    world, pp, ep = LAYOUTS[layout]
-    results = run_distributed(_train, world, pp=pp, ep=ep, mcore_dirs=mcore_dirs, rollouts=rollouts,
+    world, pp, ep, cp = LAYOUTS[layout]
+    results = run_distributed(_train, world, pp=pp, ep=ep, cp=cp, mcore_dirs=mcore_dirs, rollouts=rollouts,
                               cases=(("replay", True, "none"),), timeout=400)
     for name, cfg in _configs().items():
         per_rank = [r[name]["replay"] for r in results]
@@ -258,3 +280,35 @@ def test_replay_under_pipeline_and_expert_parallelism(mcore_dirs, rollouts, one_
                 assert abs(r["mismatch"][k] - v) < 1e-6, (layout, name, k, r["mismatch"][k], v)
         print(f"{layout} {name}: every routed token replayed on every rank; mismatch mean "
               f"{per_rank[0]['mismatch']['logprob_mismatch_mean']:.3e} (one process {ref['logprob_mismatch_mean']:.3e})")
+
+
+def _cp_view(rank, world_size, groups):
+    from megatron.core import parallel_state as ps
+
+    from megatron_gift.algo.packing import pack_microbatches
+    from megatron_gift.algo.routes import attach_routes, token_order
+    from megatron_gift.mcore.schedule import _local_view
+
+    (mb,) = pack_microbatches(groups, num_microbatches=1, pad_to_multiple=8)
+    attach_routes([mb], groups)
+    view = _local_view(mb, ps.get_context_parallel_group())
+    return dict(routes=token_order(view["routes"]), positions=view["position_ids"], rows=mb.extras["routes"])
+
+
+def test_context_parallel_split_keeps_routes_with_their_tokens():
+    """At CP=2 each rank's routes (what its routers replay) are those of its own tokens: routes that encode the
+    token position (1 + t on every layer, t < the sequence's routed length) match the rank's position ids."""
+    groups = _groups(200, n_groups=2, size=2)
+    for g in groups:
+        g.routed_experts = [torch.arange(1, g.prompt.numel() + r.numel())[:, None, None].expand(-1, 2, 2).to(torch.uint8)
+                            for r in g.responses]
+    results = run_distributed(_cp_view, 2, cp=2, groups=groups)
+    covered = 0
+    for res in results:
+        b, s_local = res["positions"].shape
+        routes, positions = res["routes"].view(s_local, b, 2, 2), res["positions"].t()
+        assert s_local * 2 == res["rows"].shape[1]
+        routed = routes[..., 0, 0] > 0  # tokens with a route (not the last of a sequence, not padding)
+        assert torch.equal(routes[..., 0, 0][routed].long(), positions[routed] + 1)
+        covered += int(routed.sum())
+    assert covered == sum(int((r[..., 0, 0] > 0).sum()) for r in [results[0]["rows"]])
