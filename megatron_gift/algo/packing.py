@@ -26,7 +26,9 @@ class RolloutGroup:
     """One prompt's N sampled responses with their rewards (host tensors).
 
     prompt [P] int64; responses: N tensors [L_i] int64; rewards [N];
-    rollout_logprobs: optional N tensors [L_i] (the engine's sampled-token log-probs).
+    rollout_logprobs: optional N tensors [L_i] (the engine's sampled-token log-probs);
+    routed_experts: optional N int tensors [P + L_i - 1, layers, top_k], the experts the engine routed each fed
+    token to (routing replay, algo/routes.py).
     """
 
     group_id: int
@@ -34,6 +36,7 @@ class RolloutGroup:
     responses: List[Tensor]
     rewards: Tensor
     rollout_logprobs: Optional[List[Tensor]] = None
+    routed_experts: Optional[List[Tensor]] = None
 
     @property
     def size(self) -> int:

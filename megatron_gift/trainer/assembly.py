@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_gift.algo import build_loss
 from megatron_gift.algo.loss import needs_reference_model
+from megatron_gift.config import routing_replay
 from megatron_gift.config.moe import check_moe_settings, moe_overrides
 from megatron_gift.config.run import RunConfig
 from megatron_gift.data import PromptSampler, build_prompt_dataset, load_tokenizer
@@ -46,7 +47,9 @@ def prepare_model_dir(cfg: RunConfig, rank: int, run_dir: Path, resuming: bool, 
         if rank != 0:
             point_at_demo_inputs(cfg, str(run_dir))
     p = cfg.parallel
-    check_moe_settings(load_hf_arch(Path(cfg.model.hf_dir) / "config.json"), cfg.model, p)  # before converting
+    arch = load_hf_arch(Path(cfg.model.hf_dir) / "config.json")
+    check_moe_settings(arch, cfg.model, p)  # before converting
+    routing_replay.check_routing_replay(arch, cfg)
     if not resuming and not cfg.model.mcore_dir and p.tp * p.pp * p.ep * p.etp > 1:
         out = run_dir / "mcore_from_hf"
         if rank == 0:
@@ -93,6 +96,7 @@ def build_models(cfg: RunConfig, arch: HFArch, loss, rt, weights_from_checkpoint
         extra["sequence_parallel"] = True
     extra.update(recompute_kwargs(cfg.parallel.recompute))
     extra.update(moe_overrides(arch, cfg.model))
+    extra.update(routing_replay.model_overrides(cfg))
     if not weights_from_checkpoint:
         policy = rt_mod.build_stage_model(**kwargs, **extra)
     else:  # the checkpoint provides the weights (any layout, no model.mcore_dir needed for the policy)
@@ -119,6 +123,7 @@ def build_engine(cfg: RunConfig, placement: EnginePlacement):
     from megatron_gift.rollout.vllm_engine import VllmEngine
     engine_cfg = dict(cfg.rollout.engine)
     engine_cfg.setdefault("seed", cfg.trainer.seed)
+    engine_cfg.update(routing_replay.engine_overrides(cfg))
     if placement.engine_tp > 1:  # SPMD engines over the trainer's ranks
         engine_cfg.setdefault("distributed_executor_backend", "external_launcher")
     return VllmEngine(VllmConfig(model=cfg.model.hf_dir, **engine_cfg))

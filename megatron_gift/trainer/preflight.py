@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
+from megatron_gift.config.routing_replay import preflight_routing_replay
 from megatron_gift.utils.dataclass_dict import nearest
 from megatron_gift.utils.errors import UserError
 
@@ -30,6 +31,7 @@ def preflight(cfg, world_size: Optional[int] = None) -> None:
     check_writable(cfg.trainer.checkpoint_dir, "trainer.save_dir" if cfg.trainer.save_dir else "trainer.run_dir")
     check_engine_keys(cfg.rollout.engine)
     check_paths(cfg)
+    preflight_routing_replay(cfg)  # a dense model, or a vLLM that cannot return routed experts
     check_rewards(cfg.rewards)
     if int(os.environ.get("RANK", "0")) == 0:
         clean_run_dir(cfg.trainer.run_dir)

