@@ -23,7 +23,7 @@ from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.test_checkpoint_reshard import _allow_children
 from tests.tiny_hf import make_tiny_model, tiny_moe_configs
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~2-4 min: four 1- or 2-rank spawns
 FAMILY = "qwen3_moe_mixed_untied"
 KINDS = (False, True)  # use_distributed_optimizer
 # After the resumed step every tensor (weights, fp32 main params, Adam moments) equals the uninterrupted run's
