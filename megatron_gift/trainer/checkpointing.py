@@ -52,18 +52,6 @@ def layout(cfg, rt) -> Dict[str, object]:
     return out
 
 
-def check_expert_layout(saved_layout: Mapping[str, Any], current_layout: Mapping[str, Any], where: Path) -> None:
-    """Refuse to resume an MoE checkpoint at another expert TENSOR parallel size (parallel.etp): not verified.
-    Another expert parallel size (parallel.ep) resumes: mcore/optim_layout.py carries the optimizer state
-    (tests/distributed/test_moe_resume_ep.py)."""
-    saved, now = saved_layout.get("etp", 1), current_layout.get("etp", 1)
-    if saved != now:
-        raise ckpt_files.CheckpointError(
-            f"checkpoint {where} was saved at parallel.etp={saved}; this run has parallel.etp={now}: resuming at "
-            f"another expert tensor parallel size is not verified. Resume with --set parallel.etp={saved} "
-            f"(TP / PP / DP / EP may change).")
-
-
 class TrainingCheckpointer:
     """Saves and loads one run's checkpoints: the sharded model + optimizer, the named plain parts, the
     RNG states of every rank, metadata and the metrics history. `metadata` holds the fingerprint, the
