@@ -27,6 +27,12 @@ def check_moe_settings(arch: HFArch, model_cfg: Any, parallel: Any) -> None:
                          f"parallel.ep={parallel.ep} (Megatron's MoE training needs it)")
     if arch.moe.num_experts % parallel.ep:
         raise ValueError(f"parallel.ep={parallel.ep} does not divide the model's {arch.moe.num_experts} experts")
+    if parallel.ep == 1 and parallel.etp > parallel.tp:
+        # megatron-core 0.16.1 marks experts expert-parallel (allreduce=False) only when EP > 1: at EP=1 their
+        # gradients go through the dense buffer and are summed over data-parallel ranks that hold OTHER expert
+        # shards (TP=1 x ETP=2: expert gradients off by 2.5e-2 against one process, the dense ones exact).
+        raise ValueError(f"parallel.etp={parallel.etp} > parallel.tp={parallel.tp} needs parallel.ep > 1: at EP=1 "
+                         "megatron-core 0.16.1 reduces the expert gradients over ranks holding other expert shards")
     if parallel.etp > 1 and arch.moe.ffn_hidden_size % parallel.etp:
         raise ValueError(f"parallel.etp={parallel.etp} does not divide the experts' width {arch.moe.ffn_hidden_size}")
 

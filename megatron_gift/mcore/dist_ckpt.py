@@ -12,7 +12,7 @@ into the common part (trainer.py).
 Layout independence: model tensors are stored as global tensors (Megatron's ShardedTensors); the plain
 optimizer's state follows the model's sharding; the distributed optimizer uses the `fully_reshardable`
 format (per-parameter state gathered on DP rank 0 when saving), so a checkpoint resumes under another
-TP / PP / DP layout. `dp_reshardable` (no gather, faster at scale) can be chosen when the TP / PP layout
+TP / PP / DP layout, and an MoE checkpoint under another expert-parallel size (mcore/optim_layout.py). `dp_reshardable` (no gather, faster at scale) can be chosen when the TP / PP layout
 never changes.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from megatron.core.dist_checkpointing.serialization import (
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_gift.mcore.model import build_gpt_model
+from megatron_gift.mcore.optim_layout import RemapOptimizerCommon
 from megatron_gift.mcore.weight_sync import unwrap
 
 OPTIM_SHARDING = "fully_reshardable"
@@ -124,7 +125,8 @@ def load_training_state(model: List[torch.nn.Module], optimizer, ckpt_dir: Path,
     group = _dp_cp_group(pg)
     if dist.get_world_size(group) > 1:
         strategy = FullyParallelLoadStrategyWrapper(strategy, group)
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=strategy)
+    common = RemapOptimizerCommon(str(ckpt_dir), optimizer)  # an MoE checkpoint of another expert layout
+    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=strategy, common_strategy=common)
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(loaded.pop(_chunk_key(i, len(model))), strict=True)
     with torch.no_grad(), _torch_adam_step_shim(optimizer):  # the optimizer copies into parameters

