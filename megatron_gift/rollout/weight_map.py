@@ -114,6 +114,8 @@ class WeightMap:
                 f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
 
     def copy(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.entries:
+            raise ValueError(f"weight '{name}' has no place in the engine's weight map (not in its checkpoint)")
         entry = self.entries[name]
         if entry is None:
             return
