@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_SYNC = ("auto", "map", "reload")
 BACKENDS = (None, "external_launcher", "mp", "uni")
 
 
@@ -39,6 +40,10 @@ class VllmConfig:
     update_bucket_bytes     target size of one weight-sync bucket (whole decoder layers; see buckets.py).
     return_routed_experts   routing replay (rollout.routing_replay): vLLM's `enable_return_routed_experts`, every
                             sample comes back with the experts each of its tokens was routed to.
+    weight_sync             how update_weights writes into the engine: "map" copies each tensor straight into
+                            the engine's own storage through a name -> view map built at start (weight_map.py);
+                            "reload" re-runs vLLM's weight loaders (layerwise in-place reload) every update;
+                            "auto" (default) takes "map" where the map covers the model, else "reload" (logged).
     extra_llm_kwargs        passed to vllm.LLM unchanged (escape hatch for options not wrapped here).
     """
 
@@ -57,6 +62,7 @@ class VllmConfig:
     max_num_seqs: Optional[int] = None
     update_bucket_bytes: int = 256 << 20
     return_routed_experts: bool = False
+    weight_sync: str = "auto"
     extra_llm_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +82,8 @@ class VllmConfig:
         if self.distributed_executor_backend not in BACKENDS:
             raise ValueError(f"vllm.distributed_executor_backend must be one of {BACKENDS}, "
                              f"got {self.distributed_executor_backend!r}")
+        if self.weight_sync not in WEIGHT_SYNC:
+            raise ValueError(f"vllm.weight_sync must be one of {WEIGHT_SYNC}, got {self.weight_sync!r}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
 

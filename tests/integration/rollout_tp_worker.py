@@ -39,6 +39,7 @@ def main(model_dir: str, new_weights: str, out_dir: str) -> None:
     state = load_file(new_weights)
     engine.update_weights((name, state[name]) for name in json.loads(open(new_weights + ".order").read()))
     out["buckets"] = engine.last_update["buckets"]
+    out["sync_path"] = engine.last_update["path"]  # TP = 2: the weight map does not cover it; vLLM's reload
     out["greedy_new"] = engine.greedy(PROMPTS, 12)
     check = torch.tensor([float(rank + 1)])
     dist.all_reduce(check)

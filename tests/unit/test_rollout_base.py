@@ -141,6 +141,9 @@ def test_vllm_config_validation(tmp_path):
         VllmConfig(model=str(tmp_path), sleep_level=3)
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         VllmConfig(model=str(tmp_path), distributed_executor_backend="ray2")
+    with pytest.raises(ValueError, match="vllm.weight_sync must be one of .* got 'copy'"):
+        VllmConfig(model=str(tmp_path), weight_sync="copy")
+    assert "weight_sync" not in VllmConfig(model=str(tmp_path), weight_sync="map").llm_kwargs(on_gpu=False)
     cpu = VllmConfig(model=str(tmp_path)).llm_kwargs(on_gpu=False)
     assert cpu["logprobs_mode"] == "processed_logprobs" and cpu["enforce_eager"] is True
     assert cpu["kv_cache_memory_bytes"] == 256 << 20 and "enable_sleep_mode" not in cpu
