@@ -14,7 +14,6 @@ chained optimizer; at EP=1 they are in the dense one.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

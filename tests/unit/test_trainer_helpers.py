@@ -1,5 +1,4 @@
 """Small pure helpers the trainer uses: the step line's progress bar, the run dir's HF -> Megatron conversion."""
-import pytest
 
 
 def test_progress_bar_of_the_step_line():
