@@ -95,10 +95,10 @@ def summarize(run_dir: Path, updates_per_rollout: int, threshold: float) -> Dict
     final = statistics.fmean(rewards[-max(1, FINAL_PROMPTS // per_step_prompts):])
     evals = [((r["step"]) * updates_per_rollout, r["eval/reward_mean"]) for r in rows
              if r.get("eval/reward_mean") is not None]
-    norms = per_update_norms(train, updates_per_rollout)
     return {"x": xs, "curve": smooth, "updates_to_threshold": reached, "final_train": final,
             "start_eval": evals[0][1] if evals else None, "final_eval": evals[-1][1] if evals else None,
-            "eval_curve": evals, "grad_norm_by_update": norms,
+            "eval_curve": evals,
+            "grad_norm_by_update": per_update_values(train, updates_per_rollout, "grad_norm"),
             "loss_by_update": per_update_values(train, updates_per_rollout, "loss"),
             "rho_by_update": per_update_values(train, updates_per_rollout, "rho")}
 
@@ -113,11 +113,6 @@ def per_update_values(train: List[dict], u: int, key: str) -> List[Optional[floa
         vals = [r[f"update{k}/{key}"] for r in train if r.get(f"update{k}/{key}") is not None]
         out.append(statistics.median(vals) if vals else None)
     return out
-
-
-def per_update_norms(train: List[dict], u: int) -> List[Optional[float]]:
-    """Median pre-clip gradient norm at each update index within a rollout batch."""
-    return per_update_values(train, u, "grad_norm")
 
 
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:

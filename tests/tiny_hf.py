@@ -74,3 +74,15 @@ def save_tiny(name: str, config, out: Path, seed: int = 0) -> Path:
     model = make_tiny_model(config, seed)
     model.save_pretrained(out / name)
     return out / name
+
+
+def convert_tiny(configs: Dict[str, object], base: Path, seed: int = 0) -> Dict[str, str]:
+    """Each config as a random tiny HF model in base/NAME, converted to Megatron (float32) in base/NAME_mcore."""
+    from megatron_gift.cli.convert_hf_to_mcore import convert
+
+    out = {}
+    for name, cfg in configs.items():
+        make_tiny_model(cfg, seed=seed).save_pretrained(base / name)
+        convert(base / name, base / f"{name}_mcore", dtype="float32", quiet=True)
+        out[name] = str(base / f"{name}_mcore")
+    return out

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.cli.convert_hf_to_mcore import convert
 from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
-from tests.tiny_hf import make_tiny_model, tiny_moe_configs
+from tests.tiny_hf import convert_tiny, tiny_moe_configs
 
 pytestmark = pytest.mark.distributed
 ATOL, RTOL = 2e-5, 1e-4  # the dense layout tests' tolerance (tests/distributed/test_gift_schedule.py)
@@ -26,12 +25,7 @@ ATOL, RTOL = 2e-5, 1e-4  # the dense layout tests' tolerance (tests/distributed/
 @pytest.fixture(scope="module")
 def mcore_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe_grads")
-    out = {}
-    for name, cfg in tiny_moe_configs().items():
-        make_tiny_model(cfg, seed=1).save_pretrained(base / name)
-        convert(base / name, base / f"{name}_mcore", dtype="float32", quiet=True)
-        out[name] = str(base / f"{name}_mcore")
-    return out
+    return convert_tiny(tiny_moe_configs(), base, seed=1)
 
 
 def _grads(rank, world_size, mcore_dirs, groups, overrides):

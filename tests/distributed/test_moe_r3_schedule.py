@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from megatron_gift.algo.packing import RolloutGroup
-from megatron_gift.cli.convert_hf_to_mcore import convert
 from megatron_gift.mcore.testing.harness import run_distributed
-from tests.tiny_hf import make_tiny_model, tiny_moe_configs
+from tests.tiny_hf import convert_tiny, tiny_moe_configs
 
 pytestmark = pytest.mark.distributed
 NOISE = 0.3  # router weight perturbation of the "engine", relative to the weights' mean magnitude
@@ -203,12 +202,7 @@ ONE_PROCESS = (("plain", False, "none"), ("replay", True, "none"), ("recompute",
 @pytest.fixture(scope="module")
 def mcore_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe_r3")
-    out = {}
-    for name, cfg in _configs().items():
-        make_tiny_model(cfg, seed=3).save_pretrained(base / name)
-        convert(base / name, base / f"{name}_mcore", dtype="float32", quiet=True)
-        out[name] = str(base / f"{name}_mcore")
-    return out
+    return convert_tiny(_configs(), base, seed=3)
 
 
 @pytest.fixture(scope="module")

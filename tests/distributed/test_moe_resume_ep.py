@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gift.cli.convert_hf_to_mcore import convert
 from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
-from tests.distributed.test_checkpoint_reshard import _allow_children
-from tests.tiny_hf import make_tiny_model, tiny_moe_configs
+from tests.distributed.test_checkpoint_reshard import _allow_children, _microbatches, _save
+from tests.tiny_hf import convert_tiny, tiny_moe_configs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~3-6 min: seven 1- to 4-rank spawns
 FAMILY = "qwen3_moe_mixed_untied"
@@ -39,9 +38,7 @@ REL_TOL = 1e-5
 @pytest.fixture(scope="module")
 def mcore_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe_resume")
-    make_tiny_model(tiny_moe_configs()[FAMILY], seed=1).save_pretrained(base / "hf")
-    convert(base / "hf", base / "mcore", dtype="float32", quiet=True)
-    return base / "mcore"
+    return Path(convert_tiny({FAMILY: tiny_moe_configs()[FAMILY]}, base, seed=1)[FAMILY])
 
 
 def _setup(mcore_dir: str, distopt: bool):
@@ -67,27 +64,6 @@ def _setup(mcore_dir: str, distopt: bool):
     return ddp, optimizer, scheduler, schedule
 
 
-def _microbatches(groups):
-    from megatron.core import parallel_state as ps
-
-    from megatron_gift.algo.packing import pack_microbatches, shard_groups
-
-    mine = shard_groups(groups, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
-    mbs = pack_microbatches(mine, num_microbatches=2, uniform_length=True)
-    for mb in mbs:  # fixed synthetic anchors: the loss depends on the policy's log-probs only
-        mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
-    return mbs
-
-
-def _save(ddp, optimizer, scheduler, ckpt: str):
-    import torch.distributed as dist
-
-    from megatron_gift.mcore import dist_ckpt
-
-    if dist.get_rank() == 0:
-        Path(ckpt).mkdir(parents=True)
-    dist.barrier()
-    dist_ckpt.save_training_state(ddp, optimizer, {"gift": {"scheduler": scheduler.state_dict()}}, Path(ckpt))
 
 
 def _step(schedule, optimizer, scheduler, mbs):
