@@ -12,8 +12,10 @@ loads, not at step 1.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from megatron_gift.algo.types import LossInputs, LossOutput, SequenceReducer, identity_reducer
@@ -63,3 +65,12 @@ def needs_reference_model(loss: Loss) -> bool:
 def has_coefficients(loss: Loss) -> bool:
     """Whether the loss can run under the two-pass schedule."""
     return isinstance(loss, AnalyticLoss)
+
+
+def loss_count(loss: Loss, inputs: LossInputs) -> Tensor:
+    """The count `loss` divides by for `inputs` (sequences, or response tokens for token-mean), known before any
+    forward pass: every loss's count depends on the masks and rewards only, so it is read from a call on zero
+    log-probs. The schedule needs it up front to weight Megatron's MoE aux loss (mcore/moe_aux.py)."""
+    zeros = torch.zeros(inputs.mask.shape, dtype=torch.float32, device=inputs.mask.device)
+    dry = replace(inputs, anchor_logprobs=zeros, ref_logprobs=None if inputs.ref_logprobs is None else zeros)
+    return loss(zeros, dry).num_sequences.detach()

@@ -91,6 +91,17 @@ class Microbatch:
         return tuple(self.loss_inputs.mask.shape)
 
 
+def padding_mask(mb: Microbatch) -> Tensor:
+    """[rows, S] bool, True on padding slots of the model's input rows (packed: slots of no sequence)."""
+    if mb.packed is not None:
+        return mb.packed.segment_ids < 0
+    lengths = mb.extras.get("seq_lengths")
+    if lengths is None:
+        raise ValueError("microbatch without extras['seq_lengths'] (made outside collate): its padding is unknown")
+    s = mb.tokens.shape[1]
+    return torch.arange(s, device=mb.tokens.device)[None, :] >= lengths.to(mb.tokens.device)[:, None]
+
+
 def shard_groups(groups: Sequence[RolloutGroup], dp_size: int, dp_rank: int) -> List[RolloutGroup]:
     """Contiguous, equal share of the groups for one data-parallel rank."""
     if len(groups) % dp_size:
@@ -136,16 +147,19 @@ def split_by_tokens(groups: Sequence[RolloutGroup], max_tokens: int, pad_to_mult
     return [[groups[i] for i in sorted(b[0])] for b in bins]
 
 
-def round_count(parts: List[List[RolloutGroup]], multiple: int) -> List[List[RolloutGroup]]:
-    """Split the microbatches holding the most groups until their number is a multiple of `multiple` (the
-    interleaved pipeline schedule needs one); subsets of a bin stay within its budget."""
+def round_count(parts: List[List[RolloutGroup]], multiple: int, at_least: int = 1) -> List[List[RolloutGroup]]:
+    """Split the microbatches holding the most groups until there are at least `at_least` of them (expert
+    parallelism: every data-parallel rank runs the same number of forward passes) and their number is a multiple
+    of `multiple` (the interleaved pipeline schedule needs one); subsets of a bin stay within its budget."""
     parts = [list(p) for p in parts]
-    while len(parts) % multiple:
+    while len(parts) % multiple or len(parts) < at_least:
         i = max(range(len(parts)), key=lambda j: len(parts[j]))
         if len(parts[i]) < 2:
-            raise ValueError(f"{sum(len(p) for p in parts)} groups cannot form a multiple of {multiple} microbatches "
-                             f"(the interleaved pipeline schedule needs one); lower trainer.max_tokens_per_microbatch "
-                             f"or send more prompts per step")
+            least = f", at least {at_least}" if at_least > 1 else ""
+            raise ValueError(f"{sum(len(p) for p in parts)} groups cannot form a multiple of {multiple} microbatches"
+                             f"{least} (interleaved pipelines need a multiple, expert parallelism the same count on "
+                             f"every data-parallel rank); lower trainer.max_tokens_per_microbatch or send more "
+                             f"prompts per step")
         half = len(parts[i]) // 2
         parts[i:i + 1] = [parts[i][:half], parts[i][half:]]
     return parts
@@ -195,12 +209,13 @@ def collate(groups: Sequence[RolloutGroup], seq_len: Optional[int] = None, pad_i
 def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optional[int] = None,
                       max_tokens: Optional[int] = None, uniform_length: bool = False, pad_id: int = 0,
                       pad_to_multiple: int = 8, packed: Optional[str] = None,
-                      count_multiple: int = 1) -> List[Microbatch]:
+                      count_multiple: int = 1, min_count: int = 1) -> List[Microbatch]:
     """One rank's groups -> microbatches of whole groups, by count or by token budget (exactly one).
 
     uniform_length pads every microbatch to the same S (pipeline parallelism sends fixed shapes);
     packed ("rows" or "thd", seq_packing.py) puts several sequences in one row instead of padding each;
-    count_multiple: a token budget's microbatch count is made a multiple of it (interleaved pipelines).
+    count_multiple: a token budget's microbatch count is made a multiple of it (interleaved pipelines);
+    min_count: and at least this (the largest count of any data-parallel rank, under expert parallelism).
     """
     if (num_microbatches is None) == (max_tokens is None):
         raise ValueError("give exactly one of num_microbatches and max_tokens")
@@ -215,7 +230,7 @@ def pack_microbatches(groups: Sequence[RolloutGroup], *, num_microbatches: Optio
         parts = split_by_count(groups, num_microbatches)
     else:
         parts = round_count(split_by_tokens(groups, max_tokens, pad_to_multiple, packed=packed is not None),
-                            count_multiple)
+                            count_multiple, min_count)
     seq_len = _round_up(max(g.max_len for g in groups), pad_to_multiple) if uniform_length else None
     mbs = [collate(p, seq_len if packed is None else None, pad_id, 1 if packed else pad_to_multiple) for p in parts]
     if packed is not None:

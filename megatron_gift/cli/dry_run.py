@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from megatron_gift.config.moe import aux_loss_coeff
 from megatron_gift.planning.memory import (ATTENTION, GIB, RECOMPUTE, StageEstimate, VllmEstimate, estimate_stage,
                                          estimate_vllm, static_bytes)
 from megatron_gift.planning.model_size import total_params
@@ -69,9 +70,10 @@ def describe(cfg, arch, arch_path: str, rep, args) -> List[str]:
              f"{cfg.precision.dtype}, attention {args.attention}, recompute {args.recompute}{what_if}"]
     if arch.moe is not None:
         m = arch.moe
+        aux = "" if cfg.model.moe_load_balancing == "none" else f" (coefficient {aux_loss_coeff(arch, cfg.model):g})"
         lines.append(f"experts: {m.num_experts} x ffn {m.ffn_hidden_size}, top-{m.top_k}, over EP={par.ep} x "
                      f"ETP={par.etp} ({m.num_experts // par.ep if m.num_experts % par.ep == 0 else '?'} per rank); "
-                     f"router load balancing {cfg.model.moe_load_balancing}, router {cfg.model.moe_router_dtype}")
+                     f"router load balancing {cfg.model.moe_load_balancing}{aux}, router {cfg.model.moe_router_dtype}")
     if plan:
         lines.append(f"batch: {t.prompts_per_step} prompts per rollout = {t.updates_per_rollout} updates x "
                      f"{t.prompts_per_step // t.updates_per_rollout} prompts x {t.responses_per_prompt} responses; per "

@@ -33,19 +33,23 @@ class ModelConfig:
     mcore_dir: str = ""
     vocab_multiple: int = 128
     # Mixture-of-experts models only (refused for dense ones): the router's load-balancing loss and dtype.
-    # moe_load_balancing: only "none" (as the RL peers train MoE models). Megatron's aux losses are scaled per
-    # token of the microbatch (MoEAuxLossAutoScaler with calculate_per_token_loss), while the GIFT schedule
-    # normalises by the number of sequences (mcore/schedule.py): the aux gradient would be weighted by the
-    # padded sequence length, so the other types are refused rather than run with a surprising weight.
+    # moe_load_balancing: "none" (the default, as the RL peers train MoE models) or "aux_loss" (the Switch
+    # Transformer loss of HF Qwen3-MoE / Mixtral, through Megatron's router; the GIFT schedule weights it per token,
+    # mcore/moe_aux.py, docs/algorithm.md); moe_aux_loss_coeff: its coefficient, null = the HF config's
+    # router_aux_loss_coef.
     moe_load_balancing: str = "none"
+    moe_aux_loss_coeff: Optional[float] = None
     moe_router_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.moe_load_balancing != "none":
+        if self.moe_load_balancing not in ("none", "aux_loss"):
             known = self.moe_load_balancing in MOE_LOAD_BALANCING
-            raise ValueError(f"model.moe_load_balancing is {self.moe_load_balancing!r}; only 'none' is supported"
-                             + (" (Megatron scales its aux losses per token, the GIFT schedule per sequence)" if known
-                                else f" (Megatron's types: {', '.join(MOE_LOAD_BALANCING)})"))
+            raise ValueError(f"model.moe_load_balancing is {self.moe_load_balancing!r}; valid: none, aux_loss"
+                             + (" (Megatron's per-sequence and global variants are not wired to the GIFT schedule's "
+                                "per-token weighting)" if known else ""))
+        if self.moe_aux_loss_coeff is not None and not self.moe_aux_loss_coeff >= 0:
+            raise ValueError(f"model.moe_aux_loss_coeff is {self.moe_aux_loss_coeff}; it must be >= 0 (or null for "
+                             "the HF config's router_aux_loss_coef)")
         if self.moe_router_dtype not in ("fp32", "fp64"):
             raise ValueError(f"model.moe_router_dtype is {self.moe_router_dtype!r}; valid: fp32, fp64")
 

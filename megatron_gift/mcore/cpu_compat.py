@@ -114,6 +114,36 @@ def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
     return tensor
 
 
+def _uneven_gather(original: Any) -> Any:
+    """tensor_parallel/mappings.py _gather_along_first_dim with output_split_sizes: gloo's all_gather needs equal
+    sizes, so each part is padded to the largest, gathered, and cut back (the equal-size path is unchanged)."""
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        most = max(sizes)
+        padded = input_.new_zeros((most,) + tuple(input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+    return gather
+
+
+def _uneven_reduce_scatter(original: Any) -> Any:
+    """tensor_parallel/mappings.py _reduce_scatter_along_first_dim with input_split_sizes (the backward of the
+    uneven gather): gloo has no uneven reduce_scatter, so the whole tensor is summed and this rank's rows kept."""
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[:group.rank()])
+        return total[start:start + sizes[group.rank()]].contiguous()
+    return reduce_scatter
+
+
 # ----------------------------------------------------------------------------- device mapping mode
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
@@ -282,6 +312,13 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _norm_new_with_sequence_parallel,
           "transformer/torch_norm.py WrappedTorchNorm asserts `not config.sequence_parallel` (the local spec's "
           "norms, used without Transformer Engine): MoE with TP x EP needs sequence parallelism", wraps=True),
+    Patch("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _uneven_gather,
+          "tensor_parallel/mappings.py _gather_along_first_dim with output_split_sizes (MoE alltoall dispatcher "
+          "with TP / expert TP > 1: ranks hold different token counts): gloo's all_gather needs equal sizes",
+          wraps=True),
+    Patch("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim", _uneven_reduce_scatter,
+          "tensor_parallel/mappings.py _reduce_scatter_along_first_dim with input_split_sizes (its backward): gloo "
+          "has no uneven reduce_scatter", wraps=True),
     Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
           "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: split sizes "
           "become numpy arrays only when they were CUDA tensors; CPU tensors reach all_to_all_single (TypeError)"),

@@ -63,17 +63,17 @@ def as_arch(hf_config: Any) -> HFArch:
     return hf_config if isinstance(hf_config, HFArch) else parse_hf_config(hf_config)
 
 
-def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, on_cpu: bool, use_te: bool) -> Dict[str, Any]:
+def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, use_te: bool) -> Dict[str, Any]:
     """TransformerConfig fields of an MoE family (empty for dense models).
 
     Routing reproduces HF: softmax over the logits' top-k (= renormalised top-k probabilities, Mixtral and
     Qwen3-MoE with norm_topk_prob) or top-k of the full softmax (norm_topk_prob false: moe_router_pre_softmax).
-    RL defaults as the peers use them: router in fp32, load-balancing loss off (`none`; an override of
-    moe_router_load_balancing_type turns it on with the HF config's router_aux_loss_coef; the run config refuses that,
-    see config/run.py ModelConfig), no expert bias.
-    Token dispatch: allgather on CPU, alltoall on GPU (alltoall also runs on gloo, with cpu_compat's split-size
-    patch: tests/distributed/test_moe_convert.py ep2_alltoall; allgather stays the CPU default, the tested one
-    for training).
+    RL defaults as the peers use them: router in fp32, load-balancing loss off (`none`; model.moe_load_balancing:
+    aux_loss turns Megatron's Switch loss on, config/moe.py, weighted per token by mcore/moe_aux.py), no expert bias.
+    Token dispatch: alltoall on CPU and GPU (on gloo through cpu_compat's split-size patch). Megatron's allgather
+    dispatcher needs the same number of tokens on every expert-parallel rank, which data-parallel ranks holding
+    microbatches of different lengths do not have (gloo aborted with "Received data size doesn't match expected
+    size"); alltoall exchanges the split sizes first (tests/distributed/test_moe_aux_loss.py ep2).
     """
     moe = arch.moe
     if moe is None:
@@ -91,7 +91,7 @@ def moe_kwargs(arch: HFArch, *, ep: int = 1, etp: int = 1, on_cpu: bool, use_te:
         moe_aux_loss_coeff=moe.aux_loss_coef,
         moe_router_enable_expert_bias=False,
         moe_layer_freq=list(moe.layer_pattern),
-        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+        moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=use_te,
         moe_permute_fusion=False,
         expert_model_parallel_size=ep,
@@ -148,8 +148,11 @@ def transformer_config_from_hf(
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
+        # The GIFT schedule's loss-scaling contract (mcore/schedule.py); set here, not only when wrapping for
+        # training, because MoE routers read it once at construction (their aux-loss scaling, mcore/moe_aux.py).
+        calculate_per_token_loss=True,
     )
-    kwargs.update(moe_kwargs(arch, ep=ep, etp=etp, on_cpu=on_cpu, use_te=te_available() if use_te is None else use_te))
+    kwargs.update(moe_kwargs(arch, ep=ep, etp=etp, use_te=te_available() if use_te is None else use_te))
     valid = {f.name for f in fields(TransformerConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:

@@ -60,17 +60,18 @@ def sequence_rope(model_chunk: torch.nn.Module, position_ids: Optional[torch.Ten
         handle.remove()
 
 
-def forward_packed(model_chunk: torch.nn.Module, tokens, position_ids, layout, cp_size: int = 1):
-    """Logits [R, S, V_local] of a packed microbatch: THD on TE, else the block mask with per-sequence RoPE."""
+def forward_packed(model_chunk: torch.nn.Module, tokens, position_ids, layout, cp_size: int = 1, **kwargs):
+    """Logits [R, S, V_local] of a packed microbatch: THD on TE, else the block mask with per-sequence RoPE.
+    kwargs go to the model call (the MoE routers' padding_mask, mcore/moe_aux.py)."""
     if cp_size > 1:
         raise ValueError("trainer.packing with parallel.cp > 1 is not supported; set trainer.packing: none")
     if uses_thd(model_chunk):
         if layout.mode != "thd":
             raise ValueError("Transformer Engine attention needs trainer.packing: thd (got 'rows')")
-        return model_chunk(tokens, position_ids, None, packed_seq_params=packed_seq_params(layout))
+        return model_chunk(tokens, position_ids, None, packed_seq_params=packed_seq_params(layout), **kwargs)
     _check_mask_is_honoured(model_chunk)
     with sequence_rope(model_chunk, position_ids):
-        return model_chunk(tokens, position_ids, block_causal_mask(layout.segment_ids))
+        return model_chunk(tokens, position_ids, block_causal_mask(layout.segment_ids), **kwargs)
 
 
 def _check_mask_is_honoured(model_chunk: torch.nn.Module) -> None:

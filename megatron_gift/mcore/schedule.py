@@ -29,11 +29,11 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
-from megatron_gift.algo.loss import has_coefficients
+from megatron_gift.algo.loss import has_coefficients, loss_count
 from megatron_gift.algo.packing import Microbatch
 from megatron_gift.algo.seq_packing import to_sequences
 from megatron_gift.algo.routes import ROUTES_KEY
-from megatron_gift.mcore import routing_replay
+from megatron_gift.mcore import moe_aux, routing_replay
 from megatron_gift.mcore.logprobs import context_parallel_reducer, vocab_parallel_logprobs
 from megatron_gift.mcore.packed import forward_packed
 from megatron_gift.algo.types import LossInputs, Tensor, is_max_metric, reduce_metrics
@@ -97,17 +97,19 @@ class GiftSchedule:
             raise ValueError(f"the two-pass schedule needs analytic coefficients; loss '{loss.name}' has none")
         self._cp_rank = dist.get_rank(pg.cp) if dist.get_world_size(pg.cp) > 1 else 0
         self.self_anchor = False  # anchor = the train pass's own detached log-probs (set per step, see train_step)
+        self._aux: Optional[moe_aux.AuxPlan] = None  # MoE load-balancing loss weights of the running train pass
 
     # ----- the forward_step / loss_func contract -------------------------------------------------
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: Microbatch = next(data_iterator)
         view = _local_view(mb, self.pg.cp)
         routes = routing_replay.microbatch_routes(view.pop("routes"), self.config, self.pg.tp, mb.tokens.device)
+        aux = moe_aux.forward_kwargs(self._aux, self.config, mb, model, self.pg.tp)
         with routing_replay.replaying_tokens(model, routes):
             if mb.packed is not None:
-                output = forward_packed(model, view["tokens"], view["position_ids"], mb.packed)
+                output = forward_packed(model, view["tokens"], view["position_ids"], mb.packed, **aux)
             else:
-                output = model(view["tokens"], view["position_ids"], None)
+                output = model(view["tokens"], view["position_ids"], None, **aux)
         return output, partial(loss_fn, mb, view)
 
     def _logprobs(self, logits: Tensor, view) -> Tensor:
@@ -205,10 +207,25 @@ class GiftSchedule:
             if self.settings.mode == "two_pass":
                 stored = self._two_pass(microbatches)
             else:
+                self._plan_aux(microbatches)
                 stored = self._run(self._train_loss, self.model, microbatches, forward_only=False)
+            metrics = self._reduce_metrics(stored)
+            if self._aux is not None:
+                metrics.update(moe_aux.finish(self._aux, self.config, len(microbatches), self.pg))
         finally:
             self.self_anchor = False
-        return self._reduce_metrics(stored)
+            moe_aux.restore(self._aux, self.config)
+            self._aux = None
+        return metrics
+
+    def _plan_aux(self, microbatches: Sequence[Microbatch], count: Optional[Tensor] = None) -> None:
+        """Router coefficients of the coming train pass when the MoE load-balancing loss is on (mcore/moe_aux.py)."""
+        if not moe_aux.enabled(self.config):
+            return
+        if count is None:
+            count = sum(loss_count(self.loss, mb.loss_inputs) for mb in microbatches)
+        moe_aux.clear_tracker()
+        self._aux = moe_aux.plan(self.config, microbatches, count, self.pg)
 
     def train_step(self, microbatches: Sequence[Microbatch], optimizer, self_anchor: bool = False) -> StepResult:
         """forward_backward then the optimizer step (gradient clipping inside the Megatron optimizer).
@@ -255,6 +272,7 @@ class GiftSchedule:
         n_total = counted.clone()
         dist.all_reduce(n_total, group=self.pg.dp)
         coeff = self.loss.coefficients(h, rank_inputs, n_total) * n_total  # finalize divides by n_total again
+        self._plan_aux(microbatches, counted)
         offsets = torch.cumsum(torch.tensor([0] + [mb.sequence_shape[0] for mb in microbatches]), 0)
         position = {id(mb): i for i, mb in enumerate(microbatches)}
         last = len(microbatches) - 1

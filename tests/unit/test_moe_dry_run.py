@@ -63,12 +63,42 @@ def test_bad_moe_layouts_name_the_key(overrides, pattern):
 
 
 def test_bad_moe_model_keys_are_refused_on_load():
-    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'z_loss'; only 'none'"):
+    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'z_loss'; valid: none, aux_loss$"):
         load_run_config(RECIPE, ["model.moe_load_balancing=z_loss"])
-    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'aux_loss'; only 'none' .*per token"):
-        load_run_config(RECIPE, ["model.moe_load_balancing=aux_loss"])
+    with pytest.raises(ValueError, match=r"model.moe_load_balancing is 'seq_aux_loss'; valid: none, aux_loss \(Megatron"):
+        load_run_config(RECIPE, ["model.moe_load_balancing=seq_aux_loss"])
+    with pytest.raises(ValueError, match=r"model.moe_aux_loss_coeff is -0.1; it must be >= 0"):
+        load_run_config(RECIPE, ["model.moe_aux_loss_coeff=-0.1"])
     with pytest.raises(ValueError, match=r"model.moe_router_dtype is 'bf16'"):
         load_run_config(RECIPE, ["model.moe_router_dtype=bf16"])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.moe_aux_loss_coeff=0"], r"model.moe_load_balancing: aux_loss with a coefficient of 0"),
+    (["parallel.cp=2"], r"model.moe_load_balancing: aux_loss with parallel.cp=2 is not supported"),
+    (["parallel.recompute=full"], r"model.moe_load_balancing: aux_loss with parallel.recompute: full"),
+    (["parallel.ep=1", "parallel.sequence_parallel=false"], r"aux_loss with parallel.tp=\d needs parallel.sequence_"),
+])
+def test_aux_loss_layouts_it_cannot_weight_are_refused(overrides, pattern):
+    # the recipe's layout without CP and full recompute, with the HF config's router_aux_loss_coef (0.001): accepted
+    aux = ["model.moe_load_balancing=aux_loss", "parallel.cp=1", "parallel.recompute=selective", "trainer.microbatches=16"]
+    ok = _layout(8, aux)
+    assert not ok.errors, ok.errors
+    rep = _layout(8, aux + overrides)
+    assert any(re.search(pattern, e) for e in rep.errors), rep.errors
+
+
+def test_aux_loss_coefficient_and_type_reach_megatron():
+    from megatron_gift.config.moe import moe_overrides
+    arch = load_hf_arch(ROOT / "examples/arch/qwen3_30b_a3b")
+    assert arch.moe.aux_loss_coef == 0.001
+    off = moe_overrides(arch, load_run_config(RECIPE).model)
+    assert (off["moe_router_load_balancing_type"], off["moe_aux_loss_coeff"]) == ("none", 0.0)
+    on = moe_overrides(arch, load_run_config(RECIPE, ["model.moe_load_balancing=aux_loss"]).model)
+    assert (on["moe_router_load_balancing_type"], on["moe_aux_loss_coeff"]) == ("aux_loss", 0.001)
+    mine = moe_overrides(arch, load_run_config(RECIPE, ["model.moe_load_balancing=aux_loss",
+                                                        "model.moe_aux_loss_coeff=0.02"]).model)
+    assert mine["moe_aux_loss_coeff"] == 0.02
 
 
 def test_expert_settings_on_a_dense_model_are_refused():
@@ -76,3 +106,7 @@ def test_expert_settings_on_a_dense_model_are_refused():
     code = run(parse_args([str(ROOT / "examples/llama3_8b_gift.yaml"), "--nodes", "1", "--gpus-per-node", "8",
                            "--set", "parallel.ep=2"]), out=lines.append)
     assert code != 0 and "parallel.ep: set for a dense model (llama)" in "\n".join(lines)
+    lines = []
+    code = run(parse_args([str(ROOT / "examples/llama3_8b_gift.yaml"), "--nodes", "1", "--gpus-per-node", "8",
+                           "--set", "model.moe_load_balancing=aux_loss"]), out=lines.append)
+    assert code != 0 and "model.moe_load_balancing: set for a dense model (llama)" in "\n".join(lines)

@@ -70,3 +70,19 @@ def test_interleaved_pipelines_get_a_multiple_of_pp_microbatches():
     assert len(mbs) == 4 and sorted(int(g) for mb in mbs for g in mb.loss_inputs.group_ids.unique()) == list(range(6))
     with pytest.raises(ValueError, match="multiple of 4 microbatches"):
         round_count([[groups[0]], [groups[1]], [groups[2]]], 4)
+
+
+def test_expert_parallel_ranks_get_at_least_the_largest_count():
+    """min_count (the trainer passes the largest count of any data-parallel rank under EP): bins are split,
+    each within the budget, every group kept once; a count above the groups is an error naming the budget."""
+    from megatron_gift.algo.packing import round_count
+    groups = groups_of([10, 2, 10, 2, 2, 2])
+    alone = pack_microbatches(groups, max_tokens=62, packed="rows")
+    mbs = pack_microbatches(groups, max_tokens=62, packed="rows", min_count=len(alone) + 2)
+    assert len(mbs) == len(alone) + 2
+    assert sorted(int(g) for mb in mbs for g in mb.loss_inputs.group_ids) == sorted(
+        int(g) for mb in alone for g in mb.loss_inputs.group_ids)
+    assert all(int(mb.extras["seq_lengths"].sum()) <= 62 for mb in mbs)
+    assert len(pack_microbatches(groups, max_tokens=62, packed="rows", min_count=3, count_multiple=2)) == 4
+    with pytest.raises(ValueError, match="cannot form a multiple of 1 microbatches, at least 7 .*max_tokens_per_micro"):
+        round_count([[g] for g in groups], 1, at_least=7)
