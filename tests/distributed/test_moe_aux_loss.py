@@ -85,8 +85,9 @@ def _switch_loss(logits, valid, top_k):
     return experts * (routed.sum(0) / (n * top_k) * scores.sum(0) / n).sum()
 
 
-def _hf_reference(hf_dir, microbatches):
-    """(aux objective gradient by HF parameter name, mean Switch loss over microbatches and MoE layers)."""
+def _hf_reference(hf_dir, microbatches, token_weighted=True):
+    """(aux objective gradient by HF parameter name, mean Switch loss over microbatches and MoE layers);
+    token_weighted=False weights every microbatch equally (the mutation the test must tell apart)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_gift.algo.packing import padding_mask
@@ -104,7 +105,8 @@ def _hf_reference(hf_dir, microbatches):
         inputs.clear()
         model(mb.tokens)
         layer_losses = [_switch_loss(torch.nn.functional.linear(x, g.weight), v, top_k) for g, x in inputs]
-        total = total + COEFF * (v.sum() / n_tok) * sum(layer_losses)
+        weight = v.sum() / n_tok if token_weighted else 1.0 / len(microbatches)
+        total = total + COEFF * weight * sum(layer_losses)
         logged.append(float(sum(layer_losses)) / len(layer_losses))
     for h in hooks:
         h.remove()
@@ -153,8 +155,8 @@ def test_aux_loss_gradient_and_value_equal_hf_reference(dirs, one_process, loss_
             torch.testing.assert_close(got[k], ref[k], atol=1e-5 * max(1.0, scale), rtol=1e-3,
                                        msg=lambda m, k=k: f"{loss_name} {name} {k}: {m}")
         assert on["aux"] == pytest.approx(ref_value, rel=1e-5)
-        # not weighting by tokens (each microbatch's loss counted equally) would be visibly different
-        assert abs(worst) < 0.05 * scale
+        equal, _, _ = _hf_reference(base / name, mbs, token_weighted=False)  # microbatches weighted equally
+        assert max(float((got[k] - equal[k]).abs().max()) for k in common) > 100 * 1e-5 * max(1.0, scale)
 
 
 # ep2: the two data-parallel ranks' token-budget microbatches differ in length (alltoall dispatch, mcore/model.py)

@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python -m pip install -q --no-index --find-links .gpu_wheels megatron-core pytest pytest-timeout 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_schedule_gpu.py -rA 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
+timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_schedule_gpu.py tests/gpu/test_moe_gpu.py -rA -s 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
 timeout 200 python benchmarks/train_phase.py --preset 1b --repeats 5 2>&1 | grep -v -i warn | tail -12 | tee "$OUT/train_phase_1b.txt"
 # Packing (issue 16): padded vs token-budget vs packed at a recipe-like length on the GPU. Without Transformer
 # Engine the packed rows need the unfused masked softmax (the fused causal kernel ignores a mask in half
