@@ -62,3 +62,16 @@ def test_qwen3_moe_ep2_matches_one_process(moe_inputs):
         assert abs(mine["loss"] - ref["loss"]) < 1e-5 * max(1.0, abs(ref["loss"])), (mine, ref)
         assert abs(mine["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(ref["grad_norm"], 1e-6), (mine, ref)
         assert mine["logprob_mismatch_max"] < 1e-4
+
+
+def test_load_balancing_loss_runs_in_the_trainer(moe_inputs):
+    """model.moe_load_balancing: aux_loss end to end (one process, one step): Megatron's Switch loss is logged
+    from its tracker (1.0 = balanced, at most the 4 experts) and the step trains (the gradient and its weight are
+    tested against references in tests/distributed/test_moe_aux_loss.py)."""
+    sets, base = moe_inputs
+    rows, out = _torchrun(base / "aux", 1, _common(base / "aux", steps=1) + sets + [
+        "model.moe_load_balancing=aux_loss", "model.moe_aux_loss_coeff=0.01"], 29657)
+    assert [r["step"] for r in rows] == [0, 1]
+    value = rows[1]["moe_load_balancing_loss"]
+    print(f"logged Switch load-balancing loss {value:.4f}, grad norm {rows[1]['grad_norm']:.3e}")
+    assert 0.5 < value < 4.0 and rows[1]["grad_norm"] > 0
