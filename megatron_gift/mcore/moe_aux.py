@@ -1,6 +1,6 @@
 """Megatron's MoE load-balancing (aux) loss under the GIFT schedule's loss scaling.
 
-Owns: the per-microbatch router coefficient that gives the aux gradient the weight docs/algorithm.md states,
+Owns: the per-step router coefficient that gives the aux gradient the weight docs/algorithm.md states,
 the padding mask handed to the router, and the logged value read from Megatron's aux-loss tracker.
 
 What megatron-core 0.16.1 does with calculate_per_token_loss (router.attach_and_log_load_balancing_loss): every
@@ -17,13 +17,13 @@ tokens for token-mean, mcore/schedule.py). Left alone that weights the aux loss 
 the per-microbatch Switch losses averaged with token weights. Setting coeff_cfg = coeff * N / N_tok for the
 pass gives exactly that (router weights are tagged sequence-parallel: their gradients are summed over TP). It
 is fixed before the pass from host-side masks (one small all-reduce per step) and set on the shared
-TransformerConfig, where the routers read it at every forward. Context parallelism and full recompute are
+TransformerConfig, where the routers read it at every forward; `restore` puts the configured one back. Context parallelism and full recompute are
 refused for now (config/moe.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,15 +42,15 @@ def enabled(config) -> bool:
 
 @dataclass
 class AuxPlan:
-    """The pass's router coefficient and each microbatch's padding mask (keyed by id of the Microbatch)."""
+    """The configured coefficient (restored after the pass) and each microbatch's padding mask (keyed by id)."""
 
     base_coeff: float
-    coeff: float
     masks: Dict[int, torch.Tensor]
 
 
 def plan(config, microbatches: Sequence[Microbatch], count: torch.Tensor, pg) -> AuxPlan:
-    """The pass's router coefficients. count: this data-parallel rank's loss count (what finalize divides by)."""
+    """Set the pass's router coefficient on `config` (undo with `restore`) and keep the microbatches' padding
+    masks. count: this data-parallel rank's loss count (what finalize divides by)."""
     if not config.calculate_per_token_loss:
         raise ValueError("the MoE aux-loss weights assume calculate_per_token_loss=True when the routers were built")
     base = float(config.moe_aux_loss_coeff)
@@ -59,11 +59,12 @@ def plan(config, microbatches: Sequence[Microbatch], count: torch.Tensor, pg) ->
                           sum((~p).sum().cpu() for p in pads).double()]).to(compute_device())
     dist.all_reduce(totals, group=pg.dp)
     n_count, n_tok = (float(x) for x in totals.cpu())
-    return AuxPlan(base, base * n_count / max(n_tok, 1.0), {id(mb): p for mb, p in zip(microbatches, pads)})
+    config.moe_aux_loss_coeff = base * n_count / max(n_tok, 1.0)
+    return AuxPlan(base, {id(mb): p for mb, p in zip(microbatches, pads)})
 
 
 def forward_kwargs(aux: Optional[AuxPlan], config, mb: Microbatch, model_chunk, tp_group) -> dict:
-    """Set the pass's router coefficient and return the padding-mask kwarg of `mb`'s model call ({} when off).
+    """The padding-mask kwarg of `mb`'s model call ({} when the loss is off).
 
     Megatron scatters the mask for sequence parallelism only on the first pipeline stage (GPTModel._preprocess);
     later stages are handed their slice here.
@@ -71,7 +72,6 @@ def forward_kwargs(aux: Optional[AuxPlan], config, mb: Microbatch, model_chunk, 
     if aux is None:
         return {}
     from megatron.core.utils import get_attr_wrapped_model
-    config.moe_aux_loss_coeff = aux.coeff
     pad = aux.masks[id(mb)]
     if config.sequence_parallel and not get_attr_wrapped_model(model_chunk, "pre_process"):
         tp, r = dist.get_world_size(tp_group), dist.get_rank(tp_group)
@@ -92,11 +92,10 @@ def clear_tracker() -> None:
     clear_aux_losses_tracker()
 
 
-def finish(aux: AuxPlan, config, num_microbatches: int, pg) -> Dict[str, torch.Tensor]:
-    """Restore the base coefficient; the logged Switch loss (mean over MoE layers and the step's microbatches,
-    as a (sum, weight) pair summed over DP) from Megatron's tracker, which is then cleared."""
+def finish(config, num_microbatches: int, pg) -> Dict[str, torch.Tensor]:
+    """The logged Switch loss (mean over MoE layers and the step's microbatches, as a (sum, weight) pair summed
+    over DP) from Megatron's tracker, which is then cleared."""
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    config.moe_aux_loss_coeff = aux.base_coeff
     entry = get_moe_layer_wise_logging_tracker().get(TRACKER_NAME)
     device = compute_device()
     value = (entry["values"].sum().to(device) if entry else torch.zeros((), device=device)).float() / _num_moe_layers(config)
@@ -113,6 +112,3 @@ def restore(aux: Optional[AuxPlan], config) -> None:
     """Put the configured coefficient back (after a failed pass too)."""
     if aux is not None:
         config.moe_aux_loss_coeff = aux.base_coeff
-
-
-__all__: List[str] = ["enabled", "plan", "forward_kwargs", "finish", "restore", "clear_tracker", "METRIC"]

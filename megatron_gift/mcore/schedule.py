@@ -211,7 +211,7 @@ class GiftSchedule:
                 stored = self._run(self._train_loss, self.model, microbatches, forward_only=False)
             metrics = self._reduce_metrics(stored)
             if self._aux is not None:
-                metrics.update(moe_aux.finish(self._aux, self.config, len(microbatches), self.pg))
+                metrics.update(moe_aux.finish(self.config, len(microbatches), self.pg))
         finally:
             self.self_anchor = False
             moe_aux.restore(self._aux, self.config)
