@@ -11,7 +11,7 @@ unequal length make the token weights and the padding mask matter.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ import torch
 from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
 from tests.distributed.test_moe_gradients import ATOL, RTOL, _merged
+from tests.distributed.test_moe_gradients import _grads as _moe_grads
 from tests.tiny_hf import convert_tiny, tiny_moe_configs
 
 pytestmark = pytest.mark.distributed
@@ -41,40 +42,9 @@ def _microbatches(groups, pipeline: bool):
 
 
 def _grads(rank, world_size, mcore_dirs, groups, overrides, loss_name, pipeline, dp_split=1):
-    """dp_split (one process): form the microbatches as `dp_split` data-parallel ranks would, so the Switch loss
-    (computed per microbatch) covers the same tokens as in that layout."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from megatron_gift.algo import build_loss
-    from megatron_gift.algo.packing import shard_groups
-    from megatron_gift.hf.arch import load_hf_arch
-    from megatron_gift.mcore.convert import iter_model_as_hf, load_mcore_checkpoint
-    from megatron_gift.mcore.model import build_gpt_model
-    from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
-    from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
-
-    out = {}
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    mine = shard_groups(groups, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
-    options = {"grad_mode": "detached"} if loss_name == "gift" else {"loss_agg_mode": "token-mean"}
-    for name, mcore_dir in mcore_dirs.items():
-        arch = load_hf_arch(Path(mcore_dir))
-        model = build_gpt_model(arch, dtype=torch.float32, perform_initialization=False, **overrides)
-        load_mcore_checkpoint(model, Path(mcore_dir))
-        settings = OptimSettings(lr=1e-3)
-        ddp = wrap_for_training([model], settings, pg)
-        build_optimizer(ddp, settings)
-        mbs = [mb for r in range(dp_split) for mb in _microbatches(shard_groups(mine, dp_split, r), pipeline)]
-        for mb in mbs:
-            mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
-        schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=arch.vocab_size), pg)
-        metrics = schedule.forward_backward(mbs)
-        grads = {n: g.clone() for n, g in iter_model_as_hf(model, arch, value=lambda p: p.main_grad)}
-        aux = metrics.get("moe_load_balancing_loss")
-        out[name] = dict(grads=grads, aux=None if aux is None else float(aux[0] / aux[1]),
-                         coeff=model.config.moe_aux_loss_coeff, shapes=[tuple(mb.tokens.shape) for mb in mbs])
-    return out
+    """test_moe_gradients' worker with this file's microbatching."""
+    return _moe_grads(rank, world_size, mcore_dirs, groups, overrides, loss_name=loss_name,
+                      make_mbs=partial(_microbatches, pipeline=pipeline), dp_split=dp_split)
 
 
 def _switch_loss(logits, valid, top_k):

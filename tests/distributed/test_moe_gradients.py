@@ -28,12 +28,22 @@ def mcore_dirs(tmp_path_factory):
     return convert_tiny(tiny_moe_configs(), base, seed=1)
 
 
-def _grads(rank, world_size, mcore_dirs, groups, overrides):
+def _uniform_microbatches(groups):
+    from megatron_gift.algo.packing import pack_microbatches
+    return pack_microbatches(groups, num_microbatches=2, uniform_length=True)
+
+
+def _grads(rank, world_size, mcore_dirs, groups, overrides, loss_name="gift", make_mbs=_uniform_microbatches,
+           dp_split=1):
+    """Finalised gradients (HF names), the loss and MoE load-balancing metrics, the router coefficient after the pass.
+
+    dp_split (one process): form the microbatches as `dp_split` data-parallel ranks would (the MoE aux loss is
+    computed per microbatch, so a layout comparison needs the same microbatches)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_gift.algo import build_loss
-    from megatron_gift.algo.packing import pack_microbatches, shard_groups
+    from megatron_gift.algo.packing import shard_groups
     from megatron_gift.hf.arch import load_hf_arch
     from megatron_gift.mcore.convert import iter_model_as_hf, load_mcore_checkpoint
     from megatron_gift.mcore.model import build_gpt_model
@@ -50,14 +60,16 @@ def _grads(rank, world_size, mcore_dirs, groups, overrides):
         settings = OptimSettings(lr=1e-3)
         ddp = wrap_for_training([model], settings, pg)
         build_optimizer(ddp, settings)  # installs finalize_model_grads / grad scaling hooks
-        mbs = pack_microbatches(mine, num_microbatches=2, uniform_length=True)
+        mbs = [mb for r in range(dp_split) for mb in make_mbs(shard_groups(mine, dp_split, r))]
         for mb in mbs:
             mb.loss_inputs.anchor_logprobs = mb.rollout_logprobs.clone()
-        schedule = GiftSchedule(ddp, build_loss("gift", {"grad_mode": "detached"}),
-                                ScheduleSettings(vocab_size=arch.vocab_size), pg)
+        options = {"grad_mode": "detached"} if loss_name == "gift" else {"loss_agg_mode": "token-mean"}
+        schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=arch.vocab_size), pg)
         metrics = schedule.forward_backward(mbs)
         grads = {n: g.clone() for n, g in iter_model_as_hf(model, arch, value=lambda p: p.main_grad)}
-        out[name] = dict(grads=grads, loss=metrics["loss"].clone() if "loss" in metrics else None)
+        aux = metrics.get("moe_load_balancing_loss")
+        out[name] = dict(grads=grads, loss=metrics["loss"].clone() if "loss" in metrics else None,
+                         aux=None if aux is None else float(aux[0] / aux[1]), coeff=model.config.moe_aux_loss_coeff)
     return out
 
 
