@@ -1,16 +1,18 @@
 """Train-phase time and padding of padded vs token-budget vs packed microbatches, on the same rollouts.
 
 Response lengths come from a long-tailed distribution (log-normal, clipped at the limit, mean about a third
-of the limit: the shape of DAPO-Math rollouts); prompts vary a little. One model, one set of groups, three
-ways to form the rank's microbatches, timed interleaved (GiftSchedule.forward_backward, GIFT, anchor `old`
+of the limit: the shape of DAPO-Math rollouts); prompts vary a little. One set of groups, four ways to form
+the rank's microbatches, each run with Megatron's unfused local attention and with the trainer's SDPA core
+attention (mcore/sdpa_attention.py), timed interleaved (GiftSchedule.forward_backward, GIFT, anchor `old`
 taken from the train pass):
-  padded  -- today's default: `trainer.microbatches` equal microbatches of whole groups, each padded to
-             its own longest sequence;
+  padded  -- `trainer.microbatches` equal microbatches of whole groups, each padded to its own longest
+             sequence;
   budget  -- `trainer.max_tokens_per_microbatch`: groups binned by padded tokens (first-fit decreasing);
-  packed  -- budget + `trainer.packing: rows` (sequences share rows, block-diagonal causal mask) on the
-             local spec; `--thd` adds the one-row THD layout (Transformer Engine on a GPU only).
+  packed  -- budget + `trainer.packing: rows` (sequences share rows, block-diagonal causal mask);
+  thd     -- budget + `trainer.packing: thd` (one row, each sequence attended alone; SDPA only, since the
+             unfused attention takes no THD).
 Prints the padding fraction of each (share of token slots without a real token), the median times and
-the ratios padded / budget and padded / packed (> 1: faster than padded).
+the ratios of the first (padded, unfused attention) to every other (> 1: faster).
 
   python benchmarks/packing.py                        # CPU, tiny model
   python benchmarks/packing.py --preset small --repeats 5
@@ -28,6 +30,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.train_phase import PRESETS, _model, _setup, _timed  # noqa: E402
+
+ATTENTIONS = {"both": ("unfused", "sdpa"), "unfused": ("unfused",), "sdpa": ("sdpa",)}
 
 
 def long_tailed_groups(n_groups: int, size: int, prompt: int, limit: int, vocab: int, seed: int = 0):
@@ -54,7 +58,8 @@ def main(argv=None):
     ap.add_argument("--microbatches", type=int, default=2, help="the padded layout's fixed count")
     ap.add_argument("--max-tokens", type=int, default=0, help="budget per microbatch (0: the padded layout's largest)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--thd", action="store_true", help="also time the one-row THD layout (GPU with TE)")
+    ap.add_argument("--attention", choices=sorted(ATTENTIONS), default="both",
+                    help="core attention of the local spec: Megatron's unfused one, torch SDPA (the trainer's), or both")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     p = dict(PRESETS[args.preset], prompt=args.prompt, response=args.limit)
@@ -69,23 +74,31 @@ def main(argv=None):
         from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
         from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
 
-        model = _model(p, cuda)
-        settings = OptimSettings(bf16=cuda)
-        ddp = wrap_for_training([model], settings)
-        build_optimizer(ddp, settings)
         device = torch.device("cuda" if cuda else "cpu")
         groups = long_tailed_groups(args.groups, args.size, args.prompt, args.limit, p["vocab"])
         lengths = torch.tensor([float(r.numel()) for g in groups for r in g.responses])
         padded = pack_microbatches(groups, num_microbatches=args.microbatches)
         budget = args.max_tokens or max(mb.tokens.numel() for mb in padded)  # the padded layout's largest
         layouts = {"padded": padded, "budget": pack_microbatches(groups, max_tokens=budget),
-                   "packed": pack_microbatches(groups, max_tokens=budget, packed="rows")}
-        if args.thd:
-            layouts["thd"] = pack_microbatches(groups, max_tokens=budget, packed="thd")
+                   "packed": pack_microbatches(groups, max_tokens=budget, packed="rows"),
+                   "thd": pack_microbatches(groups, max_tokens=budget, packed="thd")}
         layouts = {k: [mb.to(device) for mb in v] for k, v in layouts.items()}
         pg = ProcessGroupCollection.use_mpu_process_groups()
-        schedule = GiftSchedule(ddp, build_loss("gift", {"anchor": "old"}), ScheduleSettings(vocab_size=p["vocab"]), pg)
-        runs = {k: (lambda mbs=mbs: schedule.forward_backward(mbs, self_anchor=True)) for k, mbs in layouts.items()}
+        runs, shown = {}, {}
+        for attention in ATTENTIONS[args.attention]:
+            torch.manual_seed(0)
+            model = _model(p, cuda, attention)
+            settings = OptimSettings(bf16=cuda)
+            ddp = wrap_for_training([model], settings)
+            build_optimizer(ddp, settings)
+            schedule = GiftSchedule(ddp, build_loss("gift", {"anchor": "old"}), ScheduleSettings(vocab_size=p["vocab"]),
+                                    pg)
+            for k, mbs in layouts.items():
+                if k == "thd" and attention == "unfused":
+                    continue  # Megatron's unfused attention takes no THD: it would run one T x T block mask
+                name = f"{k}/{attention}"
+                runs[name] = lambda mbs=mbs, schedule=schedule: schedule.forward_backward(mbs, self_anchor=True)
+                shown[name] = mbs
         for fn in runs.values():
             fn()
         times = {k: [] for k in runs}
@@ -97,13 +110,14 @@ def main(argv=None):
               f"{args.groups} groups x {args.size}; prompt <= {args.prompt}, response limit {args.limit}: "
               f"mean {lengths.mean():.0f} ({lengths.mean() / args.limit:.2f} of the limit), median "
               f"{lengths.median():.0f}, max {lengths.max():.0f}; budget {budget} tokens; {args.repeats} interleaved repeats")
-        for k, mbs in layouts.items():
+        for k, mbs in shown.items():
             shapes = " ".join(f"{mb.shape[0]}x{mb.shape[1]}" for mb in mbs)
-            print(f"  {k:7s} padding {padding_fraction(mbs):5.1%}  median {med[k] * 1e3:9.1f} ms  "
+            print(f"  {k:15s} padding {padding_fraction(mbs):5.1%}  median {med[k] * 1e3:9.1f} ms  "
                   f"{len(mbs)} microbatches [{shapes}]")
-        for k in layouts:
-            if k != "padded":
-                print(f"ratio padded/{k}: {med['padded'] / med[k]:.2f}")
+        base = next(iter(runs))
+        for k in runs:
+            if k != base:
+                print(f"ratio ({base}) / ({k}): {med[base] / med[k]:.2f}")
     dist.destroy_process_group()
 
 

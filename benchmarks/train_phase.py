@@ -46,11 +46,14 @@ def _setup(cuda: bool):
     return stack
 
 
-def _model(p, cuda: bool):
+def _model(p, cuda: bool, attention: str = "sdpa"):
+    """attention: "unfused" (Megatron's local DotProductAttention) or "sdpa" (the trainer's local spec)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     import torch.nn.functional as F
+
+    from megatron_gift.mcore.model import sdpa_core_attention
     dtype = torch.bfloat16 if cuda else torch.float32
     config = TransformerConfig(
         num_layers=p["layers"], hidden_size=p["hidden"], num_attention_heads=p["heads"], num_query_groups=p["kv"],
@@ -58,7 +61,8 @@ def _model(p, cuda: bool):
         normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not cuda,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=cuda, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, calculate_per_token_loss=True)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    model = GPTModel(config=config, transformer_layer_spec=sdpa_core_attention(spec) if attention == "sdpa" else spec,
                      vocab_size=p["vocab"], max_sequence_length=p["prompt"] + p["response"], position_embedding_type="rope")
     return model.cuda() if cuda else model
 

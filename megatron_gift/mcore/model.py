@@ -2,7 +2,8 @@
 
 Owns: HF config -> TransformerConfig (RMSNorm, SwiGLU, GQA, explicit head_dim, qkv bias, q/k norm,
 RoPE base and scaling, tied embeddings, padded vocabulary) and the layer-spec choice (Transformer
-Engine spec when TE imports and CUDA is available, the local spec otherwise). The one place that
+Engine spec when TE imports and CUDA is available, the local spec otherwise, its core attention swapped for
+torch SDPA: mcore/sdpa_attention.py). The one place that
 constructs GPTModel (megatron-core 0.19 deprecates it in favour of HybridModel: change it here only).
 Does not own: parallel-state initialisation (mcore/parallel.py), weights (mcore/convert.py).
 
@@ -169,12 +170,23 @@ def layer_spec(arch: HFArch, use_te: Optional[bool] = None, config: Optional[Tra
     if arch.moe is not None:
         block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                            vp_stage=vp_stage)
-        return _unfused_moe_norm_keys(block)
+        block = _unfused_moe_norm_keys(block)
+        return block if use_te else replace(block, layer_specs=[sdpa_core_attention(s) for s in block.layer_specs])
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    return sdpa_core_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
+
+
+def sdpa_core_attention(spec):
+    """A local-spec TransformerLayer spec with its core attention computed by torch SDPA (same weights, same
+    state dict: the core attention holds no parameters)."""
+    from megatron_gift.mcore.sdpa_attention import SdpaDotProductAttention
+
+    attn = spec.submodules.self_attention
+    attn = replace(attn, submodules=replace(attn.submodules, core_attention=SdpaDotProductAttention))
+    return replace(spec, submodules=replace(spec.submodules, self_attention=attn))
 
 
 def _unfused_moe_norm_keys(block):

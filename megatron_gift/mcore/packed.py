@@ -1,9 +1,10 @@
 """Running a packed microbatch (algo/seq_packing.py) through a Megatron GPTModel.
 
-Owns the model-side half of sequence packing:
-- THD through Transformer Engine (GPU): one row of sequences back to back with `PackedSeqParams`
-  (cu_seqlens real and padded, max_seqlen); TE's attention and fused RoPE restart at every boundary.
-- The block-diagonal causal mask (any layer spec that takes a mask, e.g. the local spec on CPU): the
+Owns the model-side half of sequence packing, by the chunk's core attention:
+- THD (`trainer.packing: thd`) through Transformer Engine (GPU) or the local spec's SDPA attention
+  (mcore/sdpa_attention.py, CPU): one row of sequences back to back with `PackedSeqParams` (cu_seqlens real
+  and padded, max_seqlen); attention and RoPE restart at every boundary (Megatron's own THD code path).
+- The block-diagonal causal mask ("rows", or any layout on Megatron's unfused DotProductAttention): the
   mask keeps attention inside each sequence, and RoPE is taken at the per-sequence position ids
   (GPTModel's RoPE otherwise uses the row position 0..S-1): `sequence_rope` gathers the rotary table
   at those positions for the duration of one forward. The fused causal softmax kernel (GPU, half precision)
@@ -20,10 +21,16 @@ import torch
 from megatron_gift.algo.seq_packing import block_causal_mask
 
 
-def uses_thd(model_chunk: torch.nn.Module) -> bool:
-    """True when the chunk's attention is Transformer Engine's (the THD path); the local spec takes a mask."""
+def attention_kind(model_chunk: torch.nn.Module) -> str:
+    """"te" (Transformer Engine: THD only), "sdpa" (local spec, SDPA core attention: THD or a mask) or
+    "unfused" (Megatron's DotProductAttention: a mask only)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    return not any(isinstance(m, DotProductAttention) for m in model_chunk.modules())
+
+    from megatron_gift.mcore.sdpa_attention import SdpaDotProductAttention
+    kinds = {type(m) for m in model_chunk.modules() if isinstance(m, DotProductAttention)}
+    if not kinds:
+        return "te"
+    return "sdpa" if kinds == {SdpaDotProductAttention} else "unfused"
 
 
 def packed_seq_params(layout):
@@ -61,15 +68,18 @@ def sequence_rope(model_chunk: torch.nn.Module, position_ids: Optional[torch.Ten
 
 
 def forward_packed(model_chunk: torch.nn.Module, tokens, position_ids, layout, cp_size: int = 1, **kwargs):
-    """Logits [R, S, V_local] of a packed microbatch: THD on TE, else the block mask with per-sequence RoPE.
+    """Logits [R, S, V_local] of a packed microbatch: THD where the attention takes it, else the block mask
+    with per-sequence RoPE.
     kwargs go to the model call (the MoE routers' padding_mask, mcore/moe_aux.py)."""
     if cp_size > 1:
         raise ValueError("trainer.packing with parallel.cp > 1 is not supported; set trainer.packing: none")
-    if uses_thd(model_chunk):
-        if layout.mode != "thd":
-            raise ValueError("Transformer Engine attention needs trainer.packing: thd (got 'rows')")
+    kind = attention_kind(model_chunk)
+    if kind == "te" and layout.mode != "thd":
+        raise ValueError("Transformer Engine attention needs trainer.packing: thd (got 'rows')")
+    if layout.mode == "thd" and kind != "unfused":
         return model_chunk(tokens, position_ids, None, packed_seq_params=packed_seq_params(layout), **kwargs)
-    _check_mask_is_honoured(model_chunk)
+    if kind == "unfused":
+        _check_mask_is_honoured(model_chunk)
     with sequence_rope(model_chunk, position_ids):
         return model_chunk(tokens, position_ids, block_causal_mask(layout.segment_ids), **kwargs)
 

@@ -40,7 +40,8 @@ def _grads(model) -> Dict[str, Any]:
     return {_global_name(model, n): (_tp_dim(p), p.main_grad.detach().clone()) for n, p in model.named_parameters()}
 
 
-def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optional[Dict[str, torch.Tensor]] = None):
+def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optional[Dict[str, torch.Tensor]] = None,
+          attention: str = "unfused"):
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -49,7 +50,7 @@ def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optio
     from megatron_gift.mcore.schedule import GiftSchedule, ScheduleSettings
     from megatron_gift.mcore.training import OptimSettings, build_optimizer, wrap_for_training
 
-    model = _build_model(_config())
+    model = _build_model(_config(), attention)
     if weights is None:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     _load(model, weights)
@@ -121,6 +122,13 @@ def one_process(groups):
     return run_distributed(_step, 1, groups=groups, layouts=list(LAYOUTS))[0]
 
 
+@pytest.fixture(scope="module")
+def one_process_sdpa(groups, one_process):
+    """The project's local spec (SDPA core attention; THD through Megatron's packed_seq_params path)."""
+    return run_distributed(_step, 1, groups=groups, layouts=["padded", "rows", "thd"], weights=one_process["weights"],
+                           attention="sdpa")[0]
+
+
 def _check_against(results, reference, layout):
     ref = reference["padded"]
     for r in results:
@@ -141,8 +149,18 @@ def test_budget_and_packed_equal_padded(one_process, layout):
 
 
 @pytest.mark.distributed
-def test_self_anchor_is_bitwise_the_anchor_pass_and_saves_a_forward(one_process):
-    for layout in LAYOUTS:
+@pytest.mark.parametrize("layout", ["padded", "rows", "thd"])
+def test_sdpa_attention_equals_megatron_unfused(one_process, one_process_sdpa, layout):
+    """SDPA core attention (padded, masked rows, THD with per-sequence causal attention and Megatron's THD RoPE)
+    against Megatron's unfused attention on padded microbatches: log-probs 1e-6, gradients as above."""
+    _check_against([one_process_sdpa], one_process, layout)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("attention", ["unfused", "sdpa"])
+def test_self_anchor_is_bitwise_the_anchor_pass_and_saves_a_forward(one_process, one_process_sdpa, attention):
+    one_process = {"unfused": one_process, "sdpa": one_process_sdpa}[attention]
+    for layout in [k for k in LAYOUTS if k in one_process]:
         n_mb = one_process[layout]["num_microbatches"]
         for case, (_, _, self_anchor, mode) in CASES.items():
             if not self_anchor:
@@ -158,10 +176,12 @@ def test_self_anchor_is_bitwise_the_anchor_pass_and_saves_a_forward(one_process)
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", [{"tp": 2}, {"pp": 2}, {}], ids=["tp2", "pp2", "dp2"])
-def test_budget_and_packed_at_two_ranks(groups, one_process, sizes):
-    results = run_distributed(_step, 2, **sizes, spawn=True, groups=groups, layouts=["budget", "rows", "thd"],
-                              weights=one_process["weights"])
-    for layout in ("budget", "rows", "thd"):
+@pytest.mark.parametrize("attention", ["unfused", "sdpa"])
+def test_budget_and_packed_at_two_ranks(groups, one_process, sizes, attention):
+    layouts = ["budget", "rows", "thd"] if attention == "unfused" else ["rows", "thd"]
+    results = run_distributed(_step, 2, **sizes, spawn=True, groups=groups, layouts=layouts,
+                              weights=one_process["weights"], attention=attention)
+    for layout in layouts:
         _check_against(results, one_process, layout)
 
 

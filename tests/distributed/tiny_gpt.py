@@ -27,11 +27,16 @@ def _config(**extra):
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False, **extra)
 
 
-def _build_model(config):
+def _build_model(config, attention: str = "unfused"):
+    """attention: "unfused" (Megatron's DotProductAttention) or "sdpa" (the project's local spec, mcore/model.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+
+    from megatron_gift.mcore.model import sdpa_core_attention
+    spec = get_gpt_layer_local_spec()
+    spec = {"unfused": spec, "sdpa": sdpa_core_attention(spec)}[attention]
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
                     max_sequence_length=SEQ, position_embedding_type="rope",
                     share_embeddings_and_output_weights=True,
                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())

@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_schedule_gpu.py tests/gpu/test_moe_gpu.py -rA -s 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
 timeout 200 python benchmarks/train_phase.py --preset 1b --repeats 5 2>&1 | grep -v -i warn | tail -12 | tee "$OUT/train_phase_1b.txt"
-# Packing (issue 16): padded vs token-budget vs packed at a recipe-like length on the GPU. Without Transformer
-# Engine the packed rows need the unfused masked softmax (the fused causal kernel ignores a mask in half
-# precision and is refused); --thd times the one-row THD layout where TE is installed.
-timeout 180 python benchmarks/packing.py --preset 1b --groups 4 --size 8 --limit 2048 --microbatches 4 --repeats 3 \
-  $(python -c "import transformer_engine" 2>/dev/null && echo --thd) 2>&1 | grep -v -i warn | tail -12 | tee "$OUT/packing_1b.txt"
+# Packing (issue 16): padded vs token-budget vs packed rows vs THD at a recipe-like length on the GPU, with
+# Megatron's unfused local attention and with the trainer's SDPA core attention (THD runs on SDPA; with TE
+# installed the trainer would use TE's THD attention instead).
+timeout 240 python benchmarks/packing.py --preset 1b --groups 4 --size 8 --limit 2048 --microbatches 4 --repeats 3 \
+  2>&1 | grep -v -i warn | tail -14 | tee "$OUT/packing_1b.txt"
