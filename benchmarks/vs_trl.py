@@ -24,7 +24,8 @@ same number of CPU threads (OMP_NUM_THREADS and torch threads). Variants, each i
                     (all float32) and trl-colocate / ours-grpo-bf16 (bf16 rollouts).
 With --vary-lengths both sides stop at EOS instead: the random model emits EOS with probability ~1/103 per
 token, so lengths are geometric with a tail capped at N (N = 256: mean ~0.36 N, ~8% at the cap, the long-tailed
-shape of RL responses); ours then packs rows (trainer.packing: rows), TRL pads as it does. The response tokens
+shape of RL responses); ours then packs (trainer.packing: thd: one row per microbatch, each sequence attended
+alone by the local spec's SDPA attention), TRL pads as it does. The response tokens
 of each side are printed per step (the same distribution, not the same samples; the two losses push lengths the
 same way only because the aggregation is matched).
 One step = the optimizer update of one rollout batch including its generation (TRL: on_step_begin ->
@@ -106,7 +107,7 @@ def ours_config(spec: dict, loss: str, rollout_dtype: str) -> dict:
                                "kv_cache_bytes": KV_CACHE_BYTES}},
         "trainer": {"run_dir": str(Path(spec["workdir"]) / f"ours-{loss}-{rollout_dtype}"), "steps": 10_000,
                     "prompts_per_step": a["prompts"], "responses_per_prompt": a["group"], "microbatches": 1,
-                    "seed": a["seed"], **({"packing": "rows"} if a["vary_lengths"] else {})},
+                    "seed": a["seed"], **({"packing": "thd"} if a["vary_lengths"] else {})},
         "optim": {"lr": a["lr"], "clip_grad": 1.0, "weight_decay": 0.0},
         "precision": {"dtype": "float32"},
     }
@@ -396,7 +397,7 @@ def parse_args(argv=None):
     p.add_argument("--group", type=int, default=8, help="responses per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length (N, EOS ignored) or its cap")
     p.add_argument("--vary-lengths", action="store_true",
-                   help="honour EOS on both sides (RL-like long-tailed lengths capped at N); ours packs rows")
+                   help="honour EOS on both sides (RL-like long-tailed lengths capped at N); ours packs (thd)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per variant")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every variant")

@@ -76,17 +76,17 @@ class SdpaDotProductAttention(DotProductAttention):
     def _thd(self, query, key, value, params):
         """Each sequence's span (padded boundaries: what the row holds) attended causally on its own."""
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-        spans = _spans(bounds)
-        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [heads, t, hn]
-        outs = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=self._scale,
-                                               enable_gqa=self._gqa) for s, e in spans]
-        tail = query.shape[0] - spans[-1][1]
-        if tail:
-            raise ValueError(f"thd row holds {tail} tokens past its last sequence (cu_seqlens end early)")
-        return torch.cat(outs, dim=1).transpose(0, 1).reshape(query.shape[0], self.hidden_size_per_partition)
+        sizes = _sizes(bounds, query.shape[0])
+        # [1, heads, t, hn] (4-d: the flash kernel), split (one cat in the backward, not a zero-fill per slice)
+        pieces = zip(*((x.transpose(0, 1).unsqueeze(0).split(sizes, dim=2)) for x in (query, key, value)))
+        outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._scale, enable_gqa=self._gqa)
+                for q, k, v in pieces if q.shape[2]]
+        return torch.cat(outs, dim=2)[0].transpose(0, 1).reshape(query.shape[0], self.hidden_size_per_partition)
 
 
-def _spans(cu_seqlens: torch.Tensor) -> List[tuple]:
-    """[(start, end)] of the non-empty sequences of a cu_seqlens vector (host copy: the layout is built on host)."""
+def _sizes(cu_seqlens: torch.Tensor, total: int) -> List[int]:
+    """Span of every sequence from cu_seqlens (a host copy: the layout is built on host); they must tile the row."""
     b = cu_seqlens.tolist()
-    return [(s, e) for s, e in zip(b[:-1], b[1:]) if e > s]
+    if b[0] != 0 or b[-1] != total:
+        raise ValueError(f"thd row of {total} tokens does not match cu_seqlens {b[0]}..{b[-1]}")
+    return [e - s for s, e in zip(b[:-1], b[1:])]

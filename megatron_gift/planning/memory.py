@@ -15,11 +15,11 @@ c CP, s sequence length, b sequences per microbatch, d the parameter dtype's byt
                   te    (Transformer Engine spec, flash / fused attention): R = 4h (two norms' input and
                         output), T = 2q + 2k + 5f (q, k, v, attention output; gate+up output, SiLU output,
                         up half, down-projection input);
-                  local (Megatron's local spec, what runs without TE): R = 6h (torch RMSNorm keeps its
-                        input and normalised input, the linear its input), T = 4q + 5f (K and V expanded
-                        to all heads) plus 4 * (a/t) * s * (s/c) bytes per sequence for the fp32 softmax
-                        (attention_softmax_in_fp32) -- checked against saved-tensor bytes on CPU in
-                        tests/unit/test_dry_run.py;
+                  local (Megatron's local spec with the SDPA core attention, what runs without TE):
+                        R = 6h (torch RMSNorm keeps its input and normalised input, the linear its input),
+                        T = 3q + 3k + a + 5f (the fused q/k/v output, roped q and k, the attention output,
+                        fp32 log-sum-exp per head; no s^2 probabilities) -- checked against saved-tensor
+                        bytes on CPU in tests/unit/test_dry_run.py;
                 times the layers of the microbatches in flight: 1F1B keeps min(m, pp - stage) stage
                 microbatches; the interleaved schedule min(m*v, 2(pp-stage-1) + (v-1)pp + 1) chunks of
                 L/(pp*v) layers (m microbatches, v virtual stages). recompute='full' (parallel.recompute)
@@ -102,25 +102,17 @@ class StageEstimate:
 
 
 def layer_activation_bytes_per_token(plan: TrainPlan) -> float:
-    """Saved activations of one decoder layer per token on one rank, without the s^2 softmax term."""
+    """Saved activations of one decoder layer per token on one rank."""
     a = plan.arch
     h, f = a.hidden_size, active_ffn_width(a)
     q, k = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     if plan.attention == "te":
         replicated, sharded = 4 * h, 2 * q + 2 * k + 5 * f
-    else:
-        replicated, sharded = 6 * h, 4 * q + 5 * f
+    else:  # the log-sum-exp is fp32 per head: a * 4 bytes, written in units of dtype_bytes
+        replicated, sharded = 6 * h, 3 * q + 3 * k + 5 * f + a.num_heads * 4 / plan.dtype_bytes
     if a.moe is not None:
         replicated += 2 * a.moe.top_k * h  # the dispatcher's permuted token copies (in and out)
     return plan.dtype_bytes * (replicated / (plan.tp if plan.sequence_parallel else 1) + sharded / plan.tp)
-
-
-def layer_softmax_bytes(plan: TrainPlan) -> float:
-    """The local spec's materialised fp32 attention probabilities of one layer for one microbatch."""
-    if plan.attention == "te":
-        return 0.0
-    s = plan.seq_len
-    return 4.0 * plan.seqs_per_microbatch * (plan.arch.num_heads / plan.tp) * s * (s / plan.cp)
 
 
 def in_flight(plan: TrainPlan, stage: int) -> tuple[int, int]:
@@ -136,13 +128,12 @@ def in_flight(plan: TrainPlan, stage: int) -> tuple[int, int]:
 def activation_bytes(plan: TrainPlan, stage: int) -> tuple[float, str]:
     units, per_unit = in_flight(plan, stage)
     tokens = plan.tokens_per_microbatch
-    layer = tokens * layer_activation_bytes_per_token(plan) + layer_softmax_bytes(plan)
+    layer = tokens * layer_activation_bytes_per_token(plan)
     where = f"{units} x {per_unit} layers x {tokens} tokens"
     if plan.recompute == "none":
         return units * per_unit * layer, where
-    if plan.recompute == "selective":  # the attention core (its probabilities) is recomputed, one layer at a time
-        return (units * per_unit * tokens * layer_activation_bytes_per_token(plan) + layer_softmax_bytes(plan),
-                f"{where}, attention core recomputed (selective)")
+    if plan.recompute == "selective":  # the attention core is recomputed (local spec: it saves nothing more)
+        return units * per_unit * layer, f"{where}, attention core recomputed (selective)"
     kept = plan.dtype_bytes * plan.arch.hidden_size / (plan.tp if plan.sequence_parallel else 1) * tokens
     return units * per_unit * kept + layer, f"{where}, layer inputs + 1 layer (full recompute)"
 
