@@ -29,7 +29,9 @@ alone by the local spec's SDPA attention), TRL pads as it does. The response tok
 of each side are printed per step (the same distribution, not the same samples; the two losses push lengths the
 same way only because the aggregation is matched).
 One step = the optimizer update of one rollout batch including its generation (TRL: on_step_begin ->
-on_step_end). Steps are interleaved round-robin; per variant the median and min wall time and the median
+on_step_end). Steps are interleaved round-robin (--schedule blocks: each variant's steps back to back, two
+passes in opposite orders, each block after its own warm-up: on a VM a step that follows another process's
+step runs slower, for both sides); per variant the median and min wall time and the median
 CPU-seconds of the step (process user + system, all threads) are printed, with TRL/ours ratios of each and
 the phase breakdown. Settings that could not be matched are printed too. Wall times on a shared machine
 swing with other processes' load (printed): prefer an idle machine, the min and the CPU ratio, and
@@ -369,9 +371,30 @@ def _ratios(summary: dict) -> dict:
     return ratios
 
 
+def run_order(kinds: list, warmup: int, steps: int, schedule: str):
+    """(variant, measured?) in the order the steps run.
+
+    interleaved: one step of every variant per round, the first variant rotating; the first `warmup` rounds
+    unmeasured. blocks: each variant's steps back to back, in two passes (the variants in order, then
+    reversed, so a drift in host speed hits both sides alike), every block after `warmup` unmeasured steps.
+    """
+    if schedule == "interleaved":
+        for i in range(warmup + steps):
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+                yield kind, i >= warmup
+        return
+    first = (steps + 1) // 2
+    for order, n in ((kinds, first), (kinds[::-1], steps - first)):
+        for kind in order if n else []:
+            for j in range(warmup + n):
+                yield kind, j >= warmup
+
+
 def report(results: dict, workers: dict, args, assets: dict) -> dict:
-    print(f"\n=== one step, {args.steps} interleaved steps each (after {args.warmup} warm-up): wall median "
-          f"[min - max], CPU-seconds median (all threads), seconds ===")
+    what = (f"interleaved steps each (after {args.warmup} warm-up)" if args.schedule == "interleaved" else
+            f"steps each in two blocks (each after {args.warmup} warm-up)")
+    print(f"\n=== one step, {args.steps} {what}: wall median [min - max], CPU-seconds median (all threads), "
+          "seconds ===")
     summary = {kind: _summarize(rows, workers[kind].info) for kind, rows in results.items()}
     for kind, s in summary.items():
         print(f"  {kind:17s} {s['median_s']:6.2f} [{s['min_s']:.2f} - {s['max_s']:.2f}]  cpu {s['cpu_median_s']:6.2f}  "
@@ -399,6 +422,9 @@ def parse_args(argv=None):
     p.add_argument("--vary-lengths", action="store_true",
                    help="honour EOS on both sides (RL-like long-tailed lengths capped at N); ours packs (thd)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
+    p.add_argument("--schedule", choices=("interleaved", "blocks"), default="interleaved",
+                   help="interleaved: round-robin steps (spreads host-load drift, but every step follows another "
+                        "process's step); blocks: each variant's steps back to back, two passes (order, reversed)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per variant")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every variant")
     p.add_argument("--hidden", type=int, default=256)
@@ -452,22 +478,22 @@ def main(argv=None) -> int:
                 continue
             print(f"[{kind}] ready in {workers[kind].info['setup_s']:.1f} s (log {workers[kind].log})", flush=True)
         results = {k: [] for k in workers}
-        for i in range(args.warmup + args.steps):
-            alive = list(workers)
-            order = alive[i % max(len(alive), 1):] + alive[:i % max(len(alive), 1)]  # rotate who goes first
-            for kind in order:
-                try:
-                    r = workers[kind].step()
-                except RuntimeError as exc:
-                    failed[kind] = _cause(exc)
-                    print(f"[step {i + 1}] {kind} failed: {failed[kind]} (dropped; the others go on)", flush=True)
-                    workers.pop(kind).stop()
-                    results.pop(kind)
-                    continue
-                if i >= args.warmup:
-                    results[kind].append(r)
-                print(f"[step {i + 1}{' warm-up' if i < args.warmup else ''}] {kind}: {r['step_s']:.2f} s",
-                      flush=True)
+        done = {k: 0 for k in workers}
+        for kind, measured in run_order(list(workers), args.warmup, args.steps, args.schedule):
+            if kind not in workers:  # dropped after a failure
+                continue
+            try:
+                r = workers[kind].step()
+            except RuntimeError as exc:
+                failed[kind] = _cause(exc)
+                print(f"[step {done[kind] + 1}] {kind} failed: {failed[kind]} (dropped; the others go on)", flush=True)
+                workers.pop(kind).stop()
+                results.pop(kind)
+                continue
+            done[kind] += 1
+            if measured:
+                results[kind].append(r)
+            print(f"[step {done[kind]}{'' if measured else ' warm-up'}] {kind}: {r['step_s']:.2f} s", flush=True)
     finally:
         for w in workers.values():
             w.stop()
