@@ -189,7 +189,7 @@ def trl_args(spec: dict, mode: str):
     n = a["max_new_tokens"]
     return GRPOConfig(
         output_dir=str(Path(spec["workdir"]) / f"trl-{mode}"), use_cpu=True, bf16=False, fp16=False,
-        seed=a["seed"], max_steps=a["warmup"] + a["steps"], report_to="none", save_strategy="no",
+        seed=a["seed"], max_steps=steps_per_variant(a), report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, per_device_train_batch_size=a["prompts"] * a["group"],
         gradient_accumulation_steps=1, num_generations=a["group"], max_completion_length=n,
         temperature=1.0, top_p=1.0, top_k=0, learning_rate=a["lr"], lr_scheduler_type="constant",
@@ -369,6 +369,11 @@ def _ratios(summary: dict) -> dict:
             print(f"  {t:17s} / {o:15s} {r['median_s']:5.2f}  {r['min_s']:5.2f}  {r['cpu_median_s']:5.2f}"
                   f"{'   (matched pair)' if (t, o) in MATCHED else ''}")
     return ratios
+
+
+def steps_per_variant(a: dict) -> int:
+    """Steps one worker runs, warm-ups included (blocks: a warm-up per block)."""
+    return sum(1 for _ in run_order(["one"], a["warmup"], a["steps"], a["schedule"]))
 
 
 def run_order(kinds: list, warmup: int, steps: int, schedule: str):

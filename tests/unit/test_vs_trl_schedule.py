@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.vs_trl import run_order
+from benchmarks.vs_trl import run_order, steps_per_variant
 
 
 @pytest.mark.parametrize("schedule", ["interleaved", "blocks"])
@@ -19,3 +19,8 @@ def test_interleaved_rotates_and_blocks_rewarm_each_block():
     blocks = list(run_order(["a", "b"], 1, 3, "blocks"))  # a: 2 then b: 2, reversed pass b: 1 then a: 1
     assert blocks == [("a", False), ("a", True), ("a", True), ("b", False), ("b", True), ("b", True),
                       ("b", False), ("b", True), ("a", False), ("a", True)]
+
+
+def test_workers_are_sized_for_every_step_they_will_run():  # TRL's max_steps: a short one drops the variant
+    assert steps_per_variant({"warmup": 1, "steps": 8, "schedule": "blocks"}) == 10
+    assert steps_per_variant({"warmup": 1, "steps": 8, "schedule": "interleaved"}) == 9
