@@ -109,6 +109,9 @@ class Trainer:
         parts = assembly.build_models(cfg, self.arch, self.loss, self.rt, self.resume_from is not None)
         self.model, self.reference, self.schedule = parts.model, parts.reference, parts.schedule
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        params = sum(p.numel() for chunk in self.model for p in chunk.parameters())
+        self.say(f"[model] policy built: {params / 1e6:.2f}M parameters on this rank"
+                 f"{', frozen reference too' if self.reference is not None else ''}; starting the rollout engine")
         self.engine = assembly.build_engine(cfg, self.placement)
         self.say(sleep_note(self.engine))
         self.async_saver = dist_ckpt.AsyncSaver() if t.async_save else None

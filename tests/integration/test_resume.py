@@ -152,9 +152,10 @@ def test_sigterm_saves_and_exits_with_requeue_code(warm, reference, tmp_path):
 
 
 def test_sigterm_before_the_first_step_requeues_and_leaves_the_checkpoint_untouched(warm, reference, tmp_path):
-    """A stop during start-up (sent when the engine is up, so it lands while the checkpoint is loaded and the
-    weights pushed, before the loop's first agreement; "[checkpoint] resumed from" came too late to be sure once
-    the line moved after the weight push): no step, no save, the requeue code."""
+    """A stop during start-up (sent once the policy is built, so it lands while the engine starts, seconds before
+    the checkpoint is loaded and the loop's first agreement; the engine's own start-up line came too late to be
+    sure on a loaded host: the checkpoint load and weight push of this tiny model take well under a second):
+    no step, no save, the requeue code, and the load still completes."""
     import hashlib
 
     source = reference / "checkpoints" / "step_00000004"
@@ -162,7 +163,7 @@ def test_sigterm_before_the_first_step_requeues_and_leaves_the_checkpoint_untouc
     before = digest()
     run_dir = tmp_path / "run"
     overrides = run_overrides(warm, run_dir, STEPS, extra=[f"trainer.resume={source}"])
-    stopped = run_until(overrides, "[rollout] engine sleep", signal.SIGTERM)
+    stopped = run_until(overrides, "[model] policy built", signal.SIGTERM)
     assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stdout[-3000:]
     assert "[checkpoint] resumed from" in stopped.stdout  # the stop did not interrupt the load
     assert "[train] step" not in stopped.stdout  # no step ran
