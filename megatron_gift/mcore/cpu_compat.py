@@ -1,8 +1,8 @@
 """CPU compatibility layer: run megatron-core (0.16.x, 0.19.x) on CPU with the gloo backend.
 
-Owns: the table of patches (`PATCHES`) that answer Megatron-Core's CUDA assumptions, the torch
-function mode that maps hard-coded CUDA devices to the CPU, and `enable_cpu_compat()` /
-`cpu_compat_active()`. Only tests and the CPU demo use it.
+Owns: the table of patches (`PATCHES`) that answer Megatron-Core's CUDA assumptions (what they are replaced
+with: mcore/cpu_standins.py), the torch function mode that maps hard-coded CUDA devices to the CPU, and
+`enable_cpu_compat()` / `cpu_compat_active()`. Only tests and the CPU demo use it.
 Does not own: process groups or parallel state (mcore/parallel.py), process spawning (mcore/harness.py).
 
 Rules this module keeps:
@@ -29,122 +29,23 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-_CPU = torch.device("cpu")
+from megatron_gift.mcore.cpu_standins import (
+    CPU as _CPU,
+    cpu_get_rng_state,
+    cpu_manual_seed,
+    cpu_set_rng_state,
+    current_device,
+    DummyEvent,
+    DummyStream,
+    get_stream,
+    noop,
+    norm_new_with_sequence_parallel,
+    splits_to_host,
+    uneven_gather,
+    uneven_reduce_scatter,
+)
 
 
-# ----------------------------------------------------------------------------- replacements
-def _current_device() -> torch.device:
-    return _CPU
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-class _DummyEvent:
-    """Stands in for torch.cuda.Event: CPU ops are synchronous, so every event is already complete."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def record(self, stream: Any = None) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, other: "_DummyEvent") -> float:
-        return 0.0
-
-
-class _DummyStream:
-    """Stands in for torch.cuda.Stream / current_stream() / default_stream(): one synchronous CPU stream."""
-
-    device = _CPU
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> _DummyEvent:
-        return event if event is not None else _DummyEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-_STREAM = _DummyStream()
-
-
-def _get_stream(*args: Any, **kwargs: Any) -> _DummyStream:
-    return _STREAM
-
-
-def _cpu_get_rng_state(device: Any = "cuda", *args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.get_rng_state()
-
-
-def _cpu_set_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-    torch.set_rng_state(new_state)
-
-
-def _cpu_manual_seed(seed: int) -> None:
-    torch.default_generator.manual_seed(int(seed))
-
-
-def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
-    """moe_utils.maybe_move_tensor_to_cpu for CPU tensors: the numpy conversion it does only for CUDA tensors
-    (all_to_all_single's split sizes must be a list or array, not a tensor)."""
-    if torch.is_tensor(tensor) and as_numpy:
-        return tensor.detach().cpu().numpy()
-    return tensor
-
-
-def _uneven_gather(original: Any) -> Any:
-    """tensor_parallel/mappings.py _gather_along_first_dim with output_split_sizes: gloo's all_gather needs equal
-    sizes, so each part is padded to the largest, gathered, and cut back (the equal-size path is unchanged)."""
-    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
-        if output_split_sizes is None or group.size() == 1:
-            return original(input_, group, output_split_sizes, use_global_buffer)
-        sizes = [int(n) for n in output_split_sizes]
-        most = max(sizes)
-        padded = input_.new_zeros((most,) + tuple(input_.shape[1:]))
-        padded[:input_.shape[0]] = input_
-        parts = [torch.empty_like(padded) for _ in sizes]
-        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
-    return gather
-
-
-def _uneven_reduce_scatter(original: Any) -> Any:
-    """tensor_parallel/mappings.py _reduce_scatter_along_first_dim with input_split_sizes (the backward of the
-    uneven gather): gloo has no uneven reduce_scatter, so the whole tensor is summed and this rank's rows kept."""
-    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
-        if input_split_sizes is None or group.size() == 1:
-            return original(input_, group, input_split_sizes, use_global_buffer)
-        sizes = [int(n) for n in input_split_sizes]
-        total = input_.contiguous().clone()
-        torch.distributed.all_reduce(total, group=group)
-        start = sum(sizes[:group.rank()])
-        return total[start:start + sizes[group.rank()]].contiguous()
-    return reduce_scatter
-
-
-# ----------------------------------------------------------------------------- device mapping mode
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
@@ -222,31 +123,6 @@ def _checkpoint_under_mode(function: Any, distribute_saved_activations: bool, *a
     return checkpoint(run, distribute_saved_activations, *args)
 
 
-def _norm_new_with_sequence_parallel(original: Any) -> Any:
-    """WrappedTorchNorm.__new__ that also builds norms for sequence-parallel models.
-
-    A norm is per token, so under sequence parallelism it runs unchanged on this rank's part of the
-    sequence; its weight then gets a partial gradient on every tensor-parallel rank, which Megatron sums
-    over TP for parameters tagged `sequence_parallel` (distributed/finalize_model_grads.py
-    _allreduce_non_tensor_model_parallel_grads), as Transformer Engine's norms are tagged."""
-    build = original.__func__ if isinstance(original, staticmethod) else original
-
-    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
-                normalization="LayerNorm"):
-        if not getattr(config, "sequence_parallel", False):
-            return build(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
-        config.sequence_parallel = False  # the original asserts it off; everything else it checks stays
-        try:
-            norm = build(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
-        finally:
-            config.sequence_parallel = True
-        for param in norm.parameters():
-            param.sequence_parallel = True
-        return norm
-
-    return staticmethod(__new__)
-
-
 # ----------------------------------------------------------------------------- the patch table
 @dataclass(frozen=True)
 class Patch:
@@ -270,56 +146,56 @@ _MISSING = object()  # original value of a created attribute: deleted again on r
 _RNG = "megatron.core.tensor_parallel.random"
 
 PATCHES: Tuple[Patch, ...] = (
-    Patch("torch.cuda", "current_device", _current_device,
+    Patch("torch.cuda", "current_device", current_device,
           "allocations on device=torch.cuda.current_device(): pipeline_parallel/p2p_communication.py "
           "_communicate_shapes/_communicate buffers, models/common/embeddings/rotary_pos_embedding.py "
           "RotaryEmbedding.__init__, transformer/transformer_layer.py, optimizer/grad_scaler.py"),
-    Patch("torch.cuda", "synchronize", _noop,
+    Patch("torch.cuda", "synchronize", noop,
           "pipeline_parallel/p2p_communication.py _communicate (after batch_isend_irecv), "
           "parallel_state.py, dist_checkpointing/strategies/async_utils.py + filesystem_async.py, timers.py"),
-    Patch("torch.cuda", "current_stream", _get_stream,
+    Patch("torch.cuda", "current_stream", get_stream,
           "models/common/model_chunk_schedule_plan.py, fine_grained_callables.py record_stream"),
-    Patch("torch.cuda", "default_stream", _get_stream,
+    Patch("torch.cuda", "default_stream", get_stream,
           "distributed/param_and_grad_buffer.py _ParamAndGradBucketGroup.start_grad_sync/finish_grad_sync "
           "(wait_stream with overlap_grad_reduce)"),
-    Patch("torch.cuda", "Stream", _DummyStream,
+    Patch("torch.cuda", "Stream", DummyStream,
           "distributed/distributed_data_parallel.py DistributedDataParallel.__init__ communication_stream"),
-    Patch("torch.cuda", "Event", _DummyEvent,
+    Patch("torch.cuda", "Event", DummyEvent,
           "models/common/model_chunk_schedule_plan.py, utils.py timers / straggler detector events"),
-    Patch("torch.cuda", "get_rng_state", _cpu_get_rng_state,
+    Patch("torch.cuda", "get_rng_state", cpu_get_rng_state,
           "tensor_parallel/random.py CudaRNGStatesTracker.add: torch.cuda.get_rng_state(); "
           "rerun_state_machine.py RerunStateMachine._save_state"),
-    Patch("torch.cuda", "set_rng_state", _cpu_set_rng_state,
+    Patch("torch.cuda", "set_rng_state", cpu_set_rng_state,
           "rerun_state_machine.py RerunStateMachine._restore_state (pairs with get_rng_state; on CPU torch "
           "the original is queued lazily and never applied)"),
-    Patch("torch.cuda", "manual_seed", _cpu_manual_seed,
+    Patch("torch.cuda", "manual_seed", cpu_manual_seed,
           "tensor_parallel/random.py CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed: "
           "torch.cuda.manual_seed (on CPU torch it is queued lazily and never applied)"),
-    Patch(_RNG, "_get_cuda_rng_state", _cpu_get_rng_state,
+    Patch(_RNG, "_get_cuda_rng_state", cpu_get_rng_state,
           "tensor_parallel/random.py _get_cuda_rng_state, used by CudaRNGStatesTracker.fork and "
           "CheckpointFunction (reads torch.cuda.random.get_rng_state, needs CUDA)"),
     Patch("megatron.core.tensor_parallel", "checkpoint", _checkpoint_under_mode,
           "activation recompute (recompute_granularity full / selective): transformer/transformer_block.py "
           "_checkpointed_forward, attention.py _checkpointed_attention_forward, transformer_layer.py; the "
           "backward re-runs the forward (get_default_causal_mask device='cuda') outside the function mode"),
-    Patch(_RNG, "_set_cuda_rng_state", _cpu_set_rng_state,
+    Patch(_RNG, "_set_cuda_rng_state", cpu_set_rng_state,
           "tensor_parallel/random.py _set_cuda_rng_state, used by fork / CheckpointFunction "
           "(torch.cuda._lazy_call: silently never runs without CUDA)"),
     Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
           "transformer/moe/moe_utils.py RouterGatingLinearFunction.forward/backward read the module global "
           "te_general_gemm, which is imported only with Transformer Engine (NameError in every MoE router)",
           create=True),
-    Patch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _norm_new_with_sequence_parallel,
+    Patch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", norm_new_with_sequence_parallel,
           "transformer/torch_norm.py WrappedTorchNorm asserts `not config.sequence_parallel` (the local spec's "
           "norms, used without Transformer Engine): MoE with TP x EP needs sequence parallelism", wraps=True),
-    Patch("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _uneven_gather,
+    Patch("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", uneven_gather,
           "tensor_parallel/mappings.py _gather_along_first_dim with output_split_sizes (MoE alltoall dispatcher "
           "with TP / expert TP > 1: ranks hold different token counts): gloo's all_gather needs equal sizes",
           wraps=True),
-    Patch("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim", _uneven_reduce_scatter,
+    Patch("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim", uneven_reduce_scatter,
           "tensor_parallel/mappings.py _reduce_scatter_along_first_dim with input_split_sizes (its backward): gloo "
           "has no uneven reduce_scatter", wraps=True),
-    Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
+    Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", splits_to_host,
           "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: split sizes "
           "become numpy arrays only when they were CUDA tensors; CPU tensors reach all_to_all_single (TypeError)"),
 )
