@@ -12,7 +12,8 @@ taken from the train pass):
   thd     -- budget + `trainer.packing: thd` (one row, each sequence attended alone; SDPA only, since the
              unfused attention takes no THD).
 Prints the padding fraction of each (share of token slots without a real token), the median times and
-the ratios of the first (padded, unfused attention) to every other (> 1: faster).
+the ratios of the first (padded, unfused attention) to every other (> 1: faster). On CPU each runs with
+torch's float32 GEMMs (MKL) and with the trainer's oneDNN GEMMs (mcore/onednn_linear.py) too.
 
   python benchmarks/packing.py                        # CPU, tiny model
   python benchmarks/packing.py --preset small --repeats 5
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.train_phase import PRESETS, _model, _setup, _timed  # noqa: E402
 
 ATTENTIONS = {"both": ("unfused", "sdpa"), "unfused": ("unfused",), "sdpa": ("sdpa",)}
+GEMMS = {"both": ("torch", "onednn"), "torch": ("torch",), "onednn": ("onednn",)}
 
 
 def long_tailed_groups(n_groups: int, size: int, prompt: int, limit: int, vocab: int, seed: int = 0):
@@ -60,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", choices=sorted(ATTENTIONS), default="both",
                     help="core attention of the local spec: Megatron's unfused one, torch SDPA (the trainer's), or both")
+    ap.add_argument("--gemm", choices=sorted(GEMMS), default="both",
+                    help="CPU float32 linear GEMMs: torch.matmul (MKL), oneDNN (the trainer's), or both; GPU: cuBLAS")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     p = dict(PRESETS[args.preset], prompt=args.prompt, response=args.limit)
@@ -85,9 +89,10 @@ def main(argv=None):
         layouts = {k: [mb.to(device) for mb in v] for k, v in layouts.items()}
         pg = ProcessGroupCollection.use_mpu_process_groups()
         runs, shown = {}, {}
-        for attention in ATTENTIONS[args.attention]:
+        gemms = ("torch",) if cuda else GEMMS[args.gemm]
+        for attention, gemm in [(a, g) for a in ATTENTIONS[args.attention] for g in gemms]:
             torch.manual_seed(0)
-            model = _model(p, cuda, attention)
+            model = _model(p, cuda, attention, gemm)
             settings = OptimSettings(bf16=cuda)
             ddp = wrap_for_training([model], settings)
             build_optimizer(ddp, settings)
@@ -96,7 +101,7 @@ def main(argv=None):
             for k, mbs in layouts.items():
                 if k == "thd" and attention == "unfused":
                     continue  # Megatron's unfused attention takes no THD: it would run one T x T block mask
-                name = f"{k}/{attention}"
+                name = f"{k}/{attention}" + ("" if cuda else f"/{gemm}")
                 runs[name] = lambda mbs=mbs, schedule=schedule: schedule.forward_backward(mbs, self_anchor=True)
                 shown[name] = mbs
         for fn in runs.values():

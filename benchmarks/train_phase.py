@@ -46,8 +46,10 @@ def _setup(cuda: bool):
     return stack
 
 
-def _model(p, cuda: bool, attention: str = "sdpa"):
-    """attention: "unfused" (Megatron's local DotProductAttention) or "sdpa" (the trainer's local spec)."""
+def _model(p, cuda: bool, attention: str = "sdpa", gemm: str = "onednn"):
+    """attention: "unfused" (Megatron's local DotProductAttention) or "sdpa" (the trainer's local spec).
+    gemm: "onednn" (the trainer's CPU float32 linears, mcore/onednn_linear.py; nothing on GPU) or "torch"
+    (torch.matmul: MKL on CPU, cuBLAS on GPU)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -64,6 +66,9 @@ def _model(p, cuda: bool, attention: str = "sdpa"):
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(config=config, transformer_layer_spec=sdpa_core_attention(spec) if attention == "sdpa" else spec,
                      vocab_size=p["vocab"], max_sequence_length=p["prompt"] + p["response"], position_embedding_type="rope")
+    if gemm == "onednn" and not cuda:
+        from megatron_gift.mcore.onednn_linear import use_onednn_linears
+        use_onednn_linears(model)
     return model.cuda() if cuda else model
 
 

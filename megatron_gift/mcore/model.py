@@ -3,7 +3,8 @@
 Owns: HF config -> TransformerConfig (RMSNorm, SwiGLU, GQA, explicit head_dim, qkv bias, q/k norm,
 RoPE base and scaling, tied embeddings, padded vocabulary) and the layer-spec choice (Transformer
 Engine spec when TE imports and CUDA is available, the local spec otherwise, its core attention swapped for
-torch SDPA: mcore/sdpa_attention.py). The one place that
+torch SDPA: mcore/sdpa_attention.py; on CPU its linear layers' float32 GEMMs through oneDNN:
+mcore/onednn_linear.py). The one place that
 constructs GPTModel (megatron-core 0.19 deprecates it in favour of HybridModel: change it here only).
 Does not own: parallel-state initialisation (mcore/parallel.py), weights (mcore/convert.py).
 
@@ -27,6 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec,
 from megatron.core.transformer import TransformerConfig
 
 from megatron_gift.hf.arch import DEFAULT_VOCAB_MULTIPLE, HFArch, parse_hf_config
+from megatron_gift.mcore.onednn_linear import use_onednn_linears
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -295,5 +297,7 @@ def build_gpt_model(
         # As Megatron-LM's get_model: modules built outside Megatron's parallel layers (the local
         # spec's torch norms) are created on the host; move everything to this rank's device.
         model.cuda(torch.cuda.current_device())
+    elif not torch.cuda.is_available():
+        use_onednn_linears(model)  # CPU float32 GEMMs through oneDNN (mcore/onednn_linear.py)
     _fix_llama3_inv_freq(model, arch)
     return model
