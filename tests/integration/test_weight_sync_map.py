@@ -141,9 +141,9 @@ def test_map_update_equals_transformers_and_reload_path(setup, tmp_path):
 
 
 def _swap_first_two_shards(monkeypatch):
-    from megatron_gift.rollout import weight_map
-    original = weight_map._shard_index
-    monkeypatch.setattr(weight_map, "_shard_index",
+    from megatron_gift.rollout import weight_layout
+    original = weight_layout._shard_index
+    monkeypatch.setattr(weight_layout, "_shard_index",
                         lambda name, module, shard: original(name, module, {0: 1, 1: 0}.get(shard, shard)))
 
 
