@@ -7,7 +7,8 @@ Does not own: the layers themselves, their parameters or state dicts (unchanged:
 
 Why: torch's float32 `matmul` on CPU calls MKL's BLAS, which takes a generic code path on non-Intel CPUs;
 on the 2-core AMD EPYC (AVX-512) of CI, oneDNN runs the train phase's forward and dgrad GEMMs 1.9-2.3x
-faster and the weight gradient 1.1-1.9x (hidden 256, ffn 688, 4096 tokens; benchmarks/train_phase.py and
+faster and the weight gradient 1.3-1.9x (hidden 256, ffn 688, 4096 tokens; below 1024 tokens the weight
+gradient stays on torch.mm, where oneDNN's copies cost more than it saves; benchmarks/packing.py and
 benchmarks/vs_trl.py measure the step). Results differ from torch's only in rounding (about 1e-6 of the
 largest output, as between any two fp32 GEMM kernels; tests/distributed/test_onednn_linear.py checks
 float64 references).
@@ -43,10 +44,18 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None)
     return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], w.shape[0]))
 
 
+# Below this many tokens the weight gradient stays on torch.mm: oneDNN's transposed-source copy and weight
+# reorder then cost more than MKL's generic kernel saves (64-256 tokens, hidden 128: 0.5-1.0x; 1024 tokens:
+# 0.9-1.7x; 4096: 1.3-1.9x on the CI box).
+WGRAD_MIN_TOKENS = 1024
+
+
 def _wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dY^T X for dY [T, N], X [T, K]. oneDNN reads its source row-major (so the transposed source is
     copied) and reorders its weights anyway: the narrower of dY and X is made the source (fc1's wgrad at
     N = 1376, K = 256, 7000 tokens: 37 instead of 84 ms; MKL's torch.mm 74 ms)."""
+    if dy.shape[0] < WGRAD_MIN_TOKENS:
+        return dy.t().matmul(x)
     if dy.shape[1] <= x.shape[1]:
         return _gemm(dy.t(), x.t())
     return _gemm(x.t(), dy.t()).t().contiguous()

@@ -2,7 +2,8 @@
 
 - `OneDnnLinear` against float64 autograd: output, input / weight / bias gradients to 2e-6 of each tensor's
   largest value (float32 rounding), with and without bias, 3-d inputs, a frozen weight (no weight gradient),
-  wider and narrower outputs (both orientations of the weight-gradient GEMM), an empty microbatch.
+  wider and narrower outputs (both orientations of the weight-gradient GEMM), few and many tokens (the weight
+  gradient on torch.mm and on oneDNN), an empty microbatch.
 - Fallbacks: bf16, sequence parallelism and deferred weight gradients call the layer's own implementation.
 - A tiny GPTModel routed through oneDNN (every linear: qkv, proj, fc1, fc2, output layer) gives the loss and
   gradients of the same model on torch's GEMMs (1e-5), every routed layer really calls oneDNN, and at TP=2
@@ -28,12 +29,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("n_in,n_out", [(48, 80), (80, 48)])  # the weight gradient's source: X^T, dY^T
-def test_function_equals_float64_autograd(bias, frozen, n_in, n_out):
+@pytest.mark.parametrize("rows", [37, 370])  # x 3: the weight gradient on torch.mm, on oneDNN
+def test_function_equals_float64_autograd(bias, frozen, n_in, n_out, rows, monkeypatch):
+    assert (rows * 3 >= onednn_linear.WGRAD_MIN_TOKENS) == (rows == 370)
+    calls = []
+    gemm = onednn_linear._gemm
+    monkeypatch.setattr(onednn_linear, "_gemm", lambda *a: calls.append(a[0].shape) or gemm(*a))
     g = torch.Generator().manual_seed(3)
-    x64 = torch.randn(37, 3, n_in, generator=g, dtype=torch.float64)
+    x64 = torch.randn(rows, 3, n_in, generator=g, dtype=torch.float64)
     w64 = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) / 7
     b64 = torch.randn(n_out, generator=g, dtype=torch.float64) if bias else None
-    dy = torch.randn(37, 3, n_out, generator=g, dtype=torch.float64)
+    dy = torch.randn(rows, 3, n_out, generator=g, dtype=torch.float64)
     leaves32 = [t.float().requires_grad_(not (frozen and i == 1)) for i, t in enumerate((x64, w64, b64))
                 if t is not None]
     leaves64 = [t.clone().requires_grad_(not (frozen and i == 1)) for i, t in enumerate((x64, w64, b64))
@@ -50,6 +56,7 @@ def test_function_equals_float64_autograd(bias, frozen, n_in, n_out):
         else:
             assert got.grad is None
     assert ref.abs().max() > 1 and all(t.grad.abs().max() > 1 for t in leaves64 if t.requires_grad)
+    assert len(calls) == 2 + (rows == 370 and not frozen)  # forward, dgrad (+ wgrad on oneDNN)
 
 
 def test_empty_microbatch():
@@ -111,7 +118,8 @@ def _both(rank, world_size):
 def test_model_equals_torch_gemms_and_tp2_equals_one_process():
     torch_run, onednn_run = run_distributed(_both, 1)[0]
     layers = 2 * 4 + 1  # per layer: qkv, proj, fc1, fc2; the output layer
-    assert onednn_run["routed"] == layers and onednn_run["calls"] == 3 * layers  # forward, dgrad, wgrad
+    # forward and dgrad; 64 tokens < WGRAD_MIN_TOKENS: the weight gradient on torch.mm
+    assert onednn_run["routed"] == layers and onednn_run["calls"] == 2 * layers
     assert onednn_run["loss"] == pytest.approx(torch_run["loss"], rel=1e-6)
     ref = _assemble_grads([torch_run])
     got = _assemble_grads([onednn_run])
