@@ -66,7 +66,7 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, allreduce_dgrad, tp_group):
-        ctx.save_for_backward(input, weight)
+        ctx.save_for_backward(input if weight.requires_grad else None, weight)  # frozen: no wgrad, as Megatron's
         ctx.use_bias = bias is not None
         ctx.allreduce_dgrad = allreduce_dgrad
         ctx.tp_group = tp_group
