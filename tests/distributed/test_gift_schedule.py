@@ -16,7 +16,7 @@ import torch
 
 from megatron_gift.algo.packing import RolloutGroup
 from megatron_gift.mcore.testing.harness import run_distributed
-from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
+from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _load, _rank_grads
 
 ATOL, RTOL = 2e-5, 1e-4
 CASES = {  # name -> (loss, options, schedule mode)
@@ -75,8 +75,7 @@ def _step(rank: int, world_size: int, groups, num_microbatches: int, cases: List
             mb.loss_inputs.ref_logprobs = (mb.rollout_logprobs - 0.3) * mb.loss_inputs.mask
         schedule = GiftSchedule(ddp, build_loss(loss_name, options), ScheduleSettings(vocab_size=VOCAB, mode=mode), pg)
         metrics = schedule.forward_backward(mbs)
-        out[case] = {"grads": {_global_name(model, n): (_tp_dim(p), p.main_grad.detach().clone())
-                               for n, p in model.named_parameters()},
+        out[case] = {"grads": _rank_grads(model),
                      "loss": metrics["loss"].clone() if "loss" in metrics else None}
     logps = GiftSchedule(ddp, build_loss("gift"), ScheduleSettings(vocab_size=VOCAB, temperature=0.7), pg) \
         .compute_logprobs(ddp, pack_microbatches(mine, num_microbatches=num_microbatches, uniform_length=True))

@@ -17,9 +17,16 @@ import torch
 from megatron_gift.mcore import onednn_linear
 from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.tiny_gpt import ATOL, RTOL, SEQ, VOCAB, _assemble_grads, _build_model, _config, _global_name, \
-    _load, _tp_dim
+    _load, _rank_grads
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="torch built without oneDNN")
+
+
+def _count_gemms(set_attr) -> list:
+    """Wrap onednn_linear._gemm (through `set_attr`: monkeypatch.setattr or setattr) to record each call."""
+    calls, gemm = [], onednn_linear._gemm
+    set_attr(onednn_linear, "_gemm", lambda *a: calls.append(a[0].shape) or gemm(*a))
+    return calls
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,9 +39,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rows", [37, 370])  # x 3: the weight gradient on torch.mm, on oneDNN
 def test_function_equals_float64_autograd(bias, frozen, n_in, n_out, rows, monkeypatch):
     assert (rows * 3 >= onednn_linear.WGRAD_MIN_TOKENS) == (rows == 370)
-    calls = []
-    gemm = onednn_linear._gemm
-    monkeypatch.setattr(onednn_linear, "_gemm", lambda *a: calls.append(a[0].shape) or gemm(*a))
+    calls = _count_gemms(monkeypatch.setattr)
     g = torch.Generator().manual_seed(3)
     x64 = torch.randn(rows, 3, n_in, generator=g, dtype=torch.float64)
     w64 = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) / 7
@@ -84,10 +89,6 @@ def test_ineligible_calls_the_layers_own(case):
     assert len(calls) == 1 and calls[0]["input"] is x
 
 
-def _grads(model) -> dict:
-    return {_global_name(model, n): (_tp_dim(p), p.grad.clone()) for n, p in model.named_parameters()}
-
-
 def _step(rank, world_size, weights=None, route=True, count=False):
     from megatron.core import parallel_state as ps
     torch.manual_seed(5)
@@ -96,17 +97,16 @@ def _step(rank, world_size, weights=None, route=True, count=False):
         weights = {_global_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
     _load(model, weights)
     routed = onednn_linear.use_onednn_linears(model) if route else 0
-    calls = []
-    if count:
-        gemm = onednn_linear._gemm
-        onednn_linear._gemm = lambda *a: calls.append(a[0].shape) or gemm(*a)
+    gemm = onednn_linear._gemm
+    calls = _count_gemms(setattr) if count else []
     tokens = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(9))
     position_ids = torch.arange(SEQ).expand(4, SEQ)
-    loss = model(tokens, position_ids, None, labels=tokens).float().mean()
-    loss.backward()
-    if count:
+    try:
+        loss = model(tokens, position_ids, None, labels=tokens).float().mean()
+        loss.backward()
+    finally:
         onednn_linear._gemm = gemm
-    return dict(loss=float(loss), grads=_grads(model), weights=weights, routed=routed, calls=len(calls),
+    return dict(loss=float(loss), grads=_rank_grads(model, "grad"), weights=weights, routed=routed, calls=len(calls),
                 tp_rank=ps.get_tensor_model_parallel_rank())
 
 

@@ -16,7 +16,7 @@ import torch
 
 from megatron_gift.mcore.testing.harness import run_distributed
 from tests.distributed.test_gift_schedule import make_groups
-from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _global_name, _load, _tp_dim
+from tests.distributed.tiny_gpt import VOCAB, _assemble_grads, _build_model, _config, _load, _rank_grads
 
 ATOL, RTOL = 2e-5, 1e-4
 CASES = {  # name -> (loss, options, self anchor, schedule mode)
@@ -34,10 +34,6 @@ LAYOUTS = {  # name -> pack_microbatches keyword arguments (besides the groups)
     "rows": dict(max_tokens=60, packed="rows", pad_to_multiple=4),
     "thd": dict(max_tokens=80, packed="thd", pad_to_multiple=4),
 }
-
-
-def _grads(model) -> Dict[str, Any]:
-    return {_global_name(model, n): (_tp_dim(p), p.main_grad.detach().clone()) for n, p in model.named_parameters()}
 
 
 def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optional[Dict[str, torch.Tensor]] = None,
@@ -78,13 +74,13 @@ def _step(rank: int, world_size: int, groups, layouts: List[str], weights: Optio
                 calls[0] = 0
                 schedule.fill_anchor_logprobs(ddp, mbs)
                 schedule.forward_backward(mbs)
-                res[case + "/separate"] = {"grads": _grads(model), "forwards": calls[0]}
+                res[case + "/separate"] = {"grads": _rank_grads(model), "forwards": calls[0]}
                 calls[0] = 0
                 schedule.forward_backward(mbs, self_anchor=True)
-                res[case] = {"grads": _grads(model), "forwards": calls[0]}
+                res[case] = {"grads": _rank_grads(model), "forwards": calls[0]}
             else:
                 schedule.forward_backward(mbs)
-                res[case] = {"grads": _grads(model)}
+                res[case] = {"grads": _rank_grads(model)}
     return out
 
 

@@ -19,7 +19,7 @@ from megatron_gift.mcore.testing.harness import run_distributed
 
 from tests.distributed.tiny_gpt import (  # noqa: F401  (shared with the schedule tests)
     ATOL, BATCH, HEADS, HIDDEN, LAYERS, RTOL, SEQ, VOCAB, _assemble_grads, _build_model, _config, _global_name,
-    _load, _tp_dim,
+    _load, _rank_grads, _tp_dim,
 )
 
 
@@ -62,7 +62,7 @@ def _train_step(rank: int, world_size: int, tokens: torch.Tensor, labels: torch.
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
         num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=tok.shape[0] // num_microbatches)
-    grads = {_global_name(model, n): (_tp_dim(p), p.main_grad.detach().clone()) for n, p in model.named_parameters()}
+    grads = _rank_grads(model)
     return dict(logits=torch.cat(logits_seen) if logits_seen else None, grads=grads,
                 weights=weights if reference else None, tp_rank=ps.get_tensor_model_parallel_rank(),
                 dp_rank=dp_rank, pp_rank=ps.get_pipeline_model_parallel_rank())

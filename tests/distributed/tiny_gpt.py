@@ -68,6 +68,12 @@ def _load(model, full: Dict[str, torch.Tensor]) -> None:
             p.copy_(src)
 
 
+def _rank_grads(model, attr: str = "main_grad") -> Dict[str, tuple]:
+    """This rank's gradients (DDP's `main_grad`, or `grad`) by global name with their TP dim: one entry of
+    `_assemble_grads`'s input."""
+    return {_global_name(model, n): (_tp_dim(p), getattr(p, attr).detach().clone()) for n, p in model.named_parameters()}
+
+
 def _assemble_grads(results: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     """Full gradients from every rank: TP shards concatenated, DP / tied copies checked to agree."""
     shards: Dict[str, Dict[int, tuple]] = {}
